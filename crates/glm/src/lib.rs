@@ -1,0 +1,1 @@
+//! GLM decoder on candle.

@@ -1,0 +1,1 @@
+//! bitsandbytes-compatible NF4 format.
