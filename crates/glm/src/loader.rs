@@ -1,0 +1,586 @@
+//! Reading checkpoints: memory-mapped safetensors (one file or shards), names mapped per layout.
+//!
+//! [`Checkpoint`] maps every file and parses its header once; a tensor is copied out of the map only
+//! when the decoder asks for it, converted to the compute dtype on the way, so the whole file is never
+//! held twice. [`WeightLoader`] knows each layout's names (transformers' `model.*`, GLM-4.1V's
+//! `model.language_model.*`, ChatGLM's `transformer.encoder.*` with its fused `query_key_value`) and
+//! checks every shape against config.json.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata, TensorView};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+
+use crate::config::{Architecture, Config};
+use crate::error::{GlmError, Result};
+use crate::linear::Linear;
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One memory-mapped safetensors file with its parsed header.
+struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8-byte length prefix + JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl SafetensorsFile {
+    fn open(path: PathBuf) -> Result<Self> {
+        let file = File::open(&path).map_err(|source| GlmError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only and lives as long as this struct; like every mmap-based loader
+        // (candle, safetensors) we rely on the checkpoint not being truncated while it is loaded.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GlmError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // read_metadata validates the header, every offset and the file length.
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| GlmError::Safetensors {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            path,
+            mmap,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+
+    fn view(&self, name: &str) -> Option<TensorView<'_>> {
+        let info = self.metadata.info(name)?;
+        let (start, end) = info.data_offsets;
+        let data = &self.mmap[self.data_start + start..self.data_start + end];
+        // The header was validated, so dtype, shape and data length agree.
+        TensorView::new(info.dtype, info.shape.clone(), data).ok()
+    }
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// The safetensors files of a model directory: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` lists.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
+    locations: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("files", &self.files.iter().map(|f| &f.path).collect::<Vec<_>>())
+            .field("tensors", &self.locations.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Maps the checkpoint files of `dir` and reads their headers (no tensor data is read).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let index_path = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let (files, expected) = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| GlmError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            let index: ShardIndex =
+                serde_json::from_str(&text).map_err(|source| GlmError::Json {
+                    path: index_path.clone(),
+                    source,
+                })?;
+            let mut shard_names: Vec<&String> = index.weight_map.values().collect();
+            shard_names.sort();
+            shard_names.dedup();
+            let files = shard_names
+                .into_iter()
+                .map(|name| SafetensorsFile::open(dir.join(name)))
+                .collect::<Result<Vec<_>>>()?;
+            (files, Some(index.weight_map))
+        } else if single.exists() {
+            (vec![SafetensorsFile::open(single)?], None)
+        } else {
+            return Err(GlmError::NoCheckpoint { dir });
+        };
+        let mut locations = HashMap::new();
+        for (i, file) in files.iter().enumerate() {
+            for name in file.metadata.tensors().keys() {
+                locations.entry(name.clone()).or_insert(i);
+            }
+        }
+        // Every tensor the index promises must be in the shard it names.
+        for (name, shard) in expected.iter().flatten() {
+            let path = dir.join(shard);
+            let found = locations.get(name).map(|&i| &files[i].path);
+            if found != Some(&path) {
+                return Err(GlmError::MissingTensor {
+                    name: name.clone(),
+                    location: format!("{} (listed there by {INDEX_FILE})", path.display()),
+                });
+            }
+        }
+        Ok(Self {
+            dir,
+            files,
+            locations,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.locations.contains_key(name)
+    }
+
+    /// Every tensor name in the checkpoint.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.locations.keys().map(String::as_str)
+    }
+
+    /// The file holding `name`, or None.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.locations
+            .get(name)
+            .map(|&i| self.files[i].path.as_path())
+    }
+
+    /// A zero-copy view of `name` into the mapped file.
+    pub fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        self.locations
+            .get(name)
+            .and_then(|&i| self.files[i].view(name))
+            .ok_or_else(|| GlmError::MissingTensor {
+                name: name.to_string(),
+                location: self.describe(),
+            })
+    }
+
+    /// The checkpoint's files, for messages.
+    fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.path.display().to_string(),
+            _ => format!(
+                "the {} shards of {}",
+                self.files.len(),
+                self.dir.join(INDEX_FILE).display()
+            ),
+        }
+    }
+}
+
+/// Copies a float tensor out of the map into a candle tensor of its stored dtype.
+fn view_to_tensor(name: &str, path: &Path, view: &TensorView, device: &Device) -> Result<Tensor> {
+    let shape = view.shape().to_vec();
+    let bytes = view.data();
+    // pod_collect_to_vec copies into an aligned buffer: mapped data need not be aligned. Safetensors
+    // data is little-endian, as is every target we build for.
+    let tensor = match view.dtype() {
+        StDtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(bytes), shape, device)?,
+        StDtype::F16 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f16>(bytes), shape, device)?,
+        StDtype::BF16 => {
+            Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, bf16>(bytes), shape, device)?
+        }
+        other => {
+            return Err(GlmError::UnsupportedDtype {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                found: format!("{other:?}"),
+                expected: "F32, F16 or BF16",
+            })
+        }
+    };
+    Ok(tensor)
+}
+
+/// Norms of a decoder layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LayerNorm {
+    Input,
+    PostAttention,
+    /// Glm4 only.
+    PostSelfAttn,
+    /// Glm4 only.
+    PostMlp,
+}
+
+/// Linear layers of a decoder layer other than q/k/v (see [`WeightLoader::qkv`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LayerProj {
+    O,
+    GateUp,
+    Down,
+}
+
+/// How a load turns checkpoint tensors into modules: compute dtype, device, and NF4 handling.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype of activations and dense weights (f32, f16 or bf16).
+    pub dtype: DType,
+    pub device: Device,
+    /// Quantize the decoder's linear weights of a dense checkpoint to 4 bits at load, as
+    /// transformers+bitsandbytes `load_in_4bit` does (embedding and lm_head stay dense). Ignored for a
+    /// checkpoint that is already quantized.
+    pub quantize: Option<nf4::QuantOptions>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            quantize: None,
+        }
+    }
+}
+
+/// Builds the decoder's tensors from a [`Checkpoint`], by logical name, in the requested dtype.
+pub(crate) struct WeightLoader<'a> {
+    checkpoint: &'a Checkpoint,
+    config: &'a Config,
+    options: &'a LoadOptions,
+    /// `model.` or `model.language_model.` (unused for ChatGLM).
+    prefix: &'static str,
+    /// Names read so far, to report what the checkpoint holds beyond the decoder.
+    used: RefCell<HashSet<String>>,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub(crate) fn new(
+        checkpoint: &'a Checkpoint,
+        config: &'a Config,
+        options: &'a LoadOptions,
+    ) -> Result<Self> {
+        if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(GlmError::Unsupported(format!(
+                "compute dtype {:?} is not supported: use f32, f16 or bf16",
+                options.dtype
+            )));
+        }
+        let prefix = match config.architecture {
+            Architecture::Glm4v => "model.language_model.",
+            _ => "model.",
+        };
+        Ok(Self {
+            checkpoint,
+            config,
+            options,
+            prefix,
+            used: RefCell::new(HashSet::new()),
+        })
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        self.config
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.options.dtype
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.options.device
+    }
+
+    fn chatglm(&self) -> bool {
+        self.config.architecture == Architecture::ChatGlm
+    }
+
+    /// Reads `name`, checks its shape and converts it to the compute dtype.
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let view = self.checkpoint.view(name)?;
+        let path = self.path_of(name);
+        if view.shape() != shape {
+            return Err(GlmError::ShapeMismatch {
+                name: name.to_string(),
+                path,
+                found: view.shape().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        let tensor = view_to_tensor(name, &path, &view, &self.options.device)?;
+        Ok(tensor.to_dtype(self.options.dtype)?)
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.checkpoint
+            .file_of(name)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.checkpoint.dir().to_path_buf())
+    }
+
+    pub(crate) fn embed_tokens(&self) -> Result<Tensor> {
+        let name = if self.chatglm() {
+            "transformer.embedding.word_embeddings.weight".to_string()
+        } else {
+            format!("{}embed_tokens.weight", self.prefix)
+        };
+        self.dense(&name, &[self.config.vocab_size, self.config.hidden_size])
+    }
+
+    pub(crate) fn final_norm(&self) -> Result<Tensor> {
+        let name = if self.chatglm() {
+            "transformer.encoder.final_layernorm.weight".to_string()
+        } else {
+            format!("{}norm.weight", self.prefix)
+        };
+        self.dense(&name, &[self.config.hidden_size])
+    }
+
+    /// The output projection, or None when it is tied to the embedding table.
+    pub(crate) fn lm_head(&self) -> Result<Option<Linear>> {
+        if self.config.tie_word_embeddings {
+            return Ok(None);
+        }
+        let name = if self.chatglm() {
+            "transformer.output_layer.weight"
+        } else {
+            "lm_head.weight"
+        };
+        // Kept dense, as bitsandbytes keeps it.
+        let weight = self.dense(name, &[self.config.vocab_size, self.config.hidden_size])?;
+        Ok(Some(Linear::dense(weight, None)?))
+    }
+
+    fn layer_prefix(&self, layer: usize) -> String {
+        if self.chatglm() {
+            format!("transformer.encoder.layers.{layer}.")
+        } else {
+            format!("{}layers.{layer}.", self.prefix)
+        }
+    }
+
+    pub(crate) fn layer_norm(&self, layer: usize, which: LayerNorm) -> Result<Tensor> {
+        let suffix = match which {
+            LayerNorm::Input => "input_layernorm.weight",
+            LayerNorm::PostAttention => "post_attention_layernorm.weight",
+            LayerNorm::PostSelfAttn => "post_self_attn_layernorm.weight",
+            LayerNorm::PostMlp => "post_mlp_layernorm.weight",
+        };
+        let name = format!("{}{suffix}", self.layer_prefix(layer));
+        self.dense(&name, &[self.config.hidden_size])
+    }
+
+    pub(crate) fn linear(&self, layer: usize, which: LayerProj) -> Result<Linear> {
+        let c = self.config;
+        let attn_width = c.num_attention_heads * c.head_dim;
+        let (hf, chatglm, out, inp) = match which {
+            LayerProj::O => ("self_attn.o_proj", "self_attention.dense", c.hidden_size, attn_width),
+            LayerProj::GateUp => (
+                "mlp.gate_up_proj",
+                "mlp.dense_h_to_4h",
+                2 * c.intermediate_size,
+                c.hidden_size,
+            ),
+            LayerProj::Down => (
+                "mlp.down_proj",
+                "mlp.dense_4h_to_h",
+                c.hidden_size,
+                c.intermediate_size,
+            ),
+        };
+        let base = format!(
+            "{}{}",
+            self.layer_prefix(layer),
+            if self.chatglm() { chatglm } else { hf }
+        );
+        self.projection(&base, out, inp, false)
+    }
+
+    /// The q, k and v projections; ChatGLM's fused `query_key_value` is split here.
+    pub(crate) fn qkv(&self, layer: usize) -> Result<(Linear, Linear, Linear)> {
+        let c = self.config;
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let prefix = self.layer_prefix(layer);
+        if !self.chatglm() {
+            let proj = |p: &str, out| {
+                self.projection(&format!("{prefix}self_attn.{p}_proj"), out, c.hidden_size, c.attention_bias)
+            };
+            return Ok((proj("q", q_out)?, proj("k", kv_out)?, proj("v", kv_out)?));
+        }
+        let base = format!("{prefix}self_attention.query_key_value");
+        if self.has_quant_state(&format!("{base}.weight")) {
+            return Err(GlmError::Unsupported(format!(
+                "{base} in {} is stored in 4 bits: a fused ChatGLM query_key_value cannot be split \
+                 without dequantizing; load the dense glm-4-9b-chat checkpoint with 4-bit quantization \
+                 at load instead",
+                self.path_of(&format!("{base}.weight")).display()
+            )));
+        }
+        let rows = q_out + 2 * kv_out;
+        let weight = self.dense(&format!("{base}.weight"), &[rows, c.hidden_size])?;
+        let bias = if c.attention_bias {
+            Some(self.dense(&format!("{base}.bias"), &[rows])?)
+        } else {
+            None
+        };
+        let split = |t: &Tensor| -> Result<[Tensor; 3]> {
+            if c.chatglm_grouped_qkv {
+                // multi_query_attention: rows are [q | k | v].
+                Ok([
+                    t.narrow(0, 0, q_out)?,
+                    t.narrow(0, q_out, kv_out)?,
+                    t.narrow(0, q_out + kv_out, kv_out)?,
+                ])
+            } else {
+                // Without it, rows are per head [q_h | k_h | v_h] (modeling_chatglm.py's view(np, 3*hn)).
+                let rest = &t.dims()[1..];
+                let mut shape = vec![c.num_attention_heads, 3, c.head_dim];
+                shape.extend_from_slice(rest);
+                let t = t.reshape(shape)?;
+                let part = |i: usize| -> Result<Tensor> {
+                    let mut out = vec![q_out];
+                    out.extend_from_slice(rest);
+                    Ok(t.narrow(1, i, 1)?.reshape(out)?)
+                };
+                Ok([part(0)?, part(1)?, part(2)?])
+            }
+        };
+        let [wq, wk, wv] = split(&weight)?;
+        let (bq, bk, bv) = match bias.as_ref().map(split).transpose()? {
+            Some([bq, bk, bv]) => (Some(bq), Some(bk), Some(bv)),
+            None => (None, None, None),
+        };
+        let make = |w: Tensor, b: Option<Tensor>| -> Result<Linear> {
+            let b = b.map(|b| b.contiguous()).transpose()?;
+            self.make_linear(w.contiguous()?, b, &base)
+        };
+        Ok((make(wq, bq)?, make(wk, bk)?, make(wv, bv)?))
+    }
+
+    /// True when `weight` has a bitsandbytes quant state beside it.
+    fn has_quant_state(&self, weight: &str) -> bool {
+        ["bitsandbytes__nf4", "bitsandbytes__fp4"]
+            .iter()
+            .any(|kind| self.checkpoint.contains(&format!("{weight}.quant_state.{kind}")))
+    }
+
+    /// A linear layer `base.weight` [out, inp] (+ `base.bias` [out]), dense or 4-bit.
+    fn projection(&self, base: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let bias = if bias {
+            Some(self.dense(&format!("{base}.bias"), &[out])?)
+        } else {
+            None
+        };
+        let name = format!("{base}.weight");
+        if let Some(packed) = self.read_nf4(&name)? {
+            if packed.shape() != [out, inp] {
+                return Err(GlmError::ShapeMismatch {
+                    path: self.path_of(&name),
+                    name,
+                    found: packed.shape().to_vec(),
+                    expected: vec![out, inp],
+                });
+            }
+            return Ok(Linear::nf4(packed, self.options.dtype, &self.options.device, bias)?);
+        }
+        let weight = self.dense(&name, &[out, inp])?;
+        self.make_linear(weight, bias, base)
+    }
+
+    /// Wraps a dense weight, quantizing it first when the options ask for 4 bits.
+    fn make_linear(&self, weight: Tensor, bias: Option<Tensor>, base: &str) -> Result<Linear> {
+        let Some(opts) = &self.options.quantize else {
+            return Linear::dense(weight, bias);
+        };
+        let shape = weight.dims().to_vec();
+        // Checkpoint values converted to f32 exactly (bf16/f16 → f32 is exact), so the codes equal
+        // what bitsandbytes computes from the same checkpoint.
+        let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let packed = nf4::Nf4Tensor::quantize_f32(&values, &shape, opts).map_err(|source| {
+            GlmError::Nf4 {
+                name: format!("{base}.weight"),
+                path: self.path_of(&format!("{base}.weight")),
+                source,
+            }
+        })?;
+        Linear::nf4(packed, self.options.dtype, &self.options.device, bias)
+    }
+
+    /// Reads `name` as a bitsandbytes 4-bit weight with its quant state; None when it is stored dense.
+    fn read_nf4(&self, name: &str) -> Result<Option<nf4::Nf4Tensor>> {
+        let nf4_error = |source| GlmError::Nf4 {
+            name: name.to_string(),
+            path: self.path_of(name),
+            source,
+        };
+        let lookup = |key: &str| -> Option<TensorView<'a>> {
+            let view = self.checkpoint.view(key).ok()?;
+            self.used.borrow_mut().insert(key.to_string());
+            Some(view)
+        };
+        let packed = nf4::Nf4Tensor::read(name, lookup).map_err(nf4_error)?;
+        // Packed bytes without a quant state cannot be decoded: say so rather than report a bad shape.
+        if packed.is_none()
+            && self.config.quantization.is_some()
+            && self
+                .checkpoint
+                .view(name)
+                .is_ok_and(|v| v.dtype() == StDtype::U8)
+        {
+            return Err(nf4_error(nf4::Nf4Error::MissingTensor {
+                key: format!("{name}.quant_state.bitsandbytes__nf4"),
+                weight: name.to_string(),
+            }));
+        }
+        Ok(packed)
+    }
+
+    /// Checkpoint tensors the decoder did not read, summarised for the load report. Vision weights of
+    /// GLM-4.1V and ChatGLM's stored rotary table are expected; anything else is listed.
+    pub(crate) fn unused_report(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        let mut vision = 0usize;
+        let mut other: Vec<&str> = Vec::new();
+        for name in self.checkpoint.tensor_names() {
+            if used.contains(name) || name == "transformer.rotary_pos_emb.inv_freq" {
+                continue;
+            }
+            if name.starts_with("model.visual.") {
+                vision += 1;
+            } else {
+                other.push(name);
+            }
+        }
+        other.sort_unstable();
+        let mut notes = Vec::new();
+        if vision > 0 {
+            notes.push(format!(
+                "ignoring the {vision} vision-tower tensors (model.visual.*): glm-run runs the text decoder only"
+            ));
+        }
+        if !other.is_empty() {
+            let shown: Vec<&str> = other.iter().take(5).copied().collect();
+            notes.push(format!(
+                "ignoring {} checkpoint tensors the decoder does not use: {}{}",
+                other.len(),
+                shown.join(", "),
+                if other.len() > shown.len() { ", ..." } else { "" }
+            ));
+        }
+        notes
+    }
+}

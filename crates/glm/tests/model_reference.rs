@@ -1,0 +1,304 @@
+//! The decoder against transformers (and transformers+bitsandbytes) on the tiny fixture models made by
+//! tests/fixtures/make_model_fixtures.py: logits of the prefill and of every decode step, 32-step
+//! greedy continuations, the KV cache against full recompute, batches, f16/bf16, NF4.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use glm::sampling::{FinishReason, Sampler, SamplingConfig, StopCondition};
+use glm::{generate, Architecture, LoadOptions, Model};
+
+const STEPS: usize = 32;
+/// The bound for f32: max |ours - transformers| ≤ 1e-4 × max |logit|.
+const F32_TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+/// What transformers recorded for two prompts of a fixture.
+struct Reference {
+    prompts: Vec<Vec<u32>>,
+    /// Per prompt: logits at every prompt position, [prompt_len, vocab].
+    prefill: Vec<Tensor>,
+    /// Per prompt: logits after feeding each greedy token, [STEPS, vocab].
+    decode: Vec<Tensor>,
+    /// Per prompt: the 32 greedy tokens.
+    greedy: Vec<Vec<u32>>,
+    /// max |logit| over everything recorded.
+    scale: f32,
+}
+
+fn ids(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|row| row.into_iter().map(|x| x as u32).collect())
+        .collect()
+}
+
+fn reference(name: &str) -> Reference {
+    let path = fixture(name).join("reference.safetensors");
+    let t: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let per_prompt = |key: &str| -> Vec<Tensor> {
+        let all = &t[key];
+        (0..all.dim(0).unwrap())
+            .map(|i| all.get(i).unwrap())
+            .collect()
+    };
+    let prefill = per_prompt("prefill_logits");
+    let decode = per_prompt("decode_logits");
+    let scale = prefill
+        .iter()
+        .chain(&decode)
+        .map(|x| max_abs(x))
+        .fold(0.0, f32::max);
+    Reference {
+        prompts: ids(&t["prompt_ids"]),
+        greedy: ids(&t["greedy_tokens"]),
+        prefill,
+        decode,
+        scale,
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
+}
+
+fn load(name: &str, options: LoadOptions) -> Model {
+    Model::load(fixture(name), &options)
+        .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
+}
+
+fn with_dtype(dtype: DType) -> LoadOptions {
+    LoadOptions {
+        dtype,
+        ..LoadOptions::default()
+    }
+}
+
+fn row(tokens: &[u32]) -> Tensor {
+    Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}
+
+/// Our logits for a prompt and then each of `forced` fed one at a time through the KV cache:
+/// ([prompt_len, vocab], [forced.len(), vocab]).
+fn teacher_forced(model: &Model, prompt: &[u32], forced: &[u32]) -> (Tensor, Tensor) {
+    let mut cache = model.new_cache();
+    let prefill = model
+        .forward_all(&row(prompt), &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let steps: Vec<Tensor> = forced
+        .iter()
+        .map(|&t| model.forward(&row(&[t]), &mut cache).unwrap().squeeze(0).unwrap())
+        .collect();
+    (prefill, Tensor::stack(&steps, 0).unwrap())
+}
+
+fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut sampler = Sampler::new(SamplingConfig::greedy()).unwrap();
+    // No eos: the references are fixed-length greedy runs.
+    let stop = StopCondition::new(Vec::<u32>::new(), steps).unwrap();
+    let mut streamed = Vec::new();
+    let out = generate(model, prompt, &mut sampler, &stop, |t| streamed.push(t)).unwrap();
+    assert_eq!(out.finish, FinishReason::Length);
+    assert_eq!(streamed, out.tokens, "streamed tokens differ from the returned ones");
+    out.tokens
+}
+
+/// Prefill and every decode step within `tolerance` × logit scale of the reference, for both prompts.
+fn check_logits(model: &Model, r: &Reference, tolerance: f32, what: &str) -> f32 {
+    let mut worst = 0.0f32;
+    for (i, prompt) in r.prompts.iter().enumerate() {
+        let (prefill, decode) = teacher_forced(model, prompt, &r.greedy[i]);
+        let p = max_diff(&prefill, &r.prefill[i]);
+        let d = max_diff(&decode, &r.decode[i]);
+        // Decode steps one by one, so a failure names the step.
+        for step in 0..STEPS {
+            let diff = max_diff(&decode.get(step).unwrap(), &r.decode[i].get(step).unwrap());
+            assert!(
+                diff <= tolerance * r.scale,
+                "{what}: prompt {i} decode step {step}: max |diff| {diff} > {tolerance} × {}",
+                r.scale
+            );
+        }
+        assert!(
+            p <= tolerance * r.scale,
+            "{what}: prompt {i} prefill: max |diff| {p} > {tolerance} × {}",
+            r.scale
+        );
+        worst = worst.max(p).max(d);
+    }
+    eprintln!("{what}: max |logit diff| {worst:.3e} (scale {:.3})", r.scale);
+    worst
+}
+
+fn check_f32_fixture(name: &str, arch: Architecture) {
+    let model = load(name, LoadOptions::default());
+    assert_eq!(model.config().architecture, arch);
+    let r = reference(name);
+    check_logits(&model, &r, F32_TOLERANCE, name);
+    for (i, prompt) in r.prompts.iter().enumerate() {
+        assert_eq!(greedy(&model, prompt, STEPS), r.greedy[i], "{name}: greedy tokens, prompt {i}");
+    }
+}
+
+#[test]
+fn glm_sharded_matches_transformers() {
+    check_f32_fixture("glm", Architecture::Glm);
+}
+
+#[test]
+fn glm4_tied_matches_transformers() {
+    check_f32_fixture("glm4", Architecture::Glm4);
+}
+
+#[test]
+fn glm4v_text_decoder_matches_transformers() {
+    check_f32_fixture("glm4v", Architecture::Glm4v);
+}
+
+#[test]
+fn chatglm_layout_matches_equivalent_glm() {
+    check_f32_fixture("chatglm", Architecture::ChatGlm);
+}
+
+#[test]
+fn vision_weights_are_reported_once() {
+    let model = load("glm4v", LoadOptions::default());
+    let vision: Vec<&String> = model
+        .load_notes()
+        .iter()
+        .filter(|n| n.contains("model.visual"))
+        .collect();
+    assert_eq!(vision.len(), 1, "notes: {:?}", model.load_notes());
+    // The dense text fixtures have nothing to ignore (ChatGLM's stored rotary table is expected).
+    for name in ["glm", "glm4", "chatglm"] {
+        assert!(load(name, LoadOptions::default()).load_notes().is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn prefill_then_decode_equals_full_recompute() {
+    for name in ["glm", "glm4", "chatglm"] {
+        let model = load(name, LoadOptions::default());
+        let r = reference(name);
+        let prompt = &r.prompts[0];
+        let (_, decode) = teacher_forced(&model, prompt, &r.greedy[0]);
+        let full: Vec<u32> = prompt.iter().chain(&r.greedy[0]).copied().collect();
+        let all = model
+            .forward_all(&row(&full), &mut model.new_cache())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        // Position prompt_len + k holds the logits after feeding greedy token k.
+        let recomputed = all.narrow(0, prompt.len(), STEPS).unwrap();
+        let diff = max_diff(&recomputed, &decode);
+        assert!(diff <= 1e-5 * r.scale, "{name}: cached vs recomputed differ by {diff}");
+        // A prompt split into two prefill chunks gives the same last logits too.
+        let mut cache = model.new_cache();
+        model.forward(&row(&full[..4]), &mut cache).unwrap();
+        let chunked = model.forward(&row(&full[4..]), &mut cache).unwrap();
+        let diff = max_diff(&chunked.squeeze(0).unwrap(), &all.get(full.len() - 1).unwrap());
+        assert!(diff <= 1e-5 * r.scale, "{name}: chunked prefill differs by {diff}");
+        assert_eq!(cache.seq_len(), full.len());
+    }
+}
+
+#[test]
+fn batch_of_two_equals_one_at_a_time() {
+    for name in ["glm", "glm4v"] {
+        let model = load(name, LoadOptions::default());
+        let r = reference(name);
+        let batch = Tensor::new(vec![r.prompts[0].clone(), r.prompts[1].clone()], &Device::Cpu).unwrap();
+        let mut cache = model.new_cache();
+        let prefill = model.forward_all(&batch, &mut cache).unwrap();
+        let mut steps = Vec::new();
+        for k in 0..8 {
+            let next = Tensor::new(vec![vec![r.greedy[0][k]], vec![r.greedy[1][k]]], &Device::Cpu).unwrap();
+            steps.push(model.forward(&next, &mut cache).unwrap());
+        }
+        let steps = Tensor::stack(&steps, 1).unwrap(); // [2, 8, vocab]
+        for i in 0..2 {
+            let (single_prefill, single_decode) = teacher_forced(&model, &r.prompts[i], &r.greedy[i][..8]);
+            let p = max_diff(&prefill.get(i).unwrap(), &single_prefill);
+            let d = max_diff(&steps.get(i).unwrap(), &single_decode);
+            assert!(p <= 1e-5 * r.scale && d <= 1e-5 * r.scale, "{name} seq {i}: {p} {d}");
+        }
+    }
+}
+
+#[test]
+fn half_precision_stays_close() {
+    // Teacher-forced on the reference tokens, so the bound is about the arithmetic, not near-ties.
+    // f16 keeps 11 bits of mantissa, bf16 8: bounds a few rounding steps of the logit scale.
+    for (dtype, tolerance) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+        for name in ["glm", "glm4", "glm4v", "chatglm"] {
+            let model = load(name, with_dtype(dtype));
+            assert_eq!(model.dtype(), dtype);
+            let worst = check_logits(&model, &reference(name), tolerance, &format!("{name} {dtype:?}"));
+            assert!(worst > 0.0, "{name} {dtype:?}: identical to f32, so not computed in {dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn nf4_checkpoint_matches_transformers_bitsandbytes() {
+    let model = load("glm4-nf4", LoadOptions::default());
+    assert!(model.config().quantization.is_some());
+    let r = reference("glm4-nf4");
+    check_logits(&model, &r, F32_TOLERANCE, "glm4-nf4");
+    for (i, prompt) in r.prompts.iter().enumerate() {
+        assert_eq!(greedy(&model, prompt, STEPS), r.greedy[i], "glm4-nf4: greedy tokens, prompt {i}");
+    }
+}
+
+#[test]
+fn quantize_at_load_matches_bitsandbytes() {
+    // The glm4-nf4 fixture is bitsandbytes' quantization of the glm4 fixture: quantizing glm4 at load
+    // must give the same model.
+    let options = LoadOptions {
+        quantize: Some(nf4::QuantOptions::default()),
+        ..LoadOptions::default()
+    };
+    let model = load("glm4", options);
+    assert!(model.config().quantization.is_none());
+    let r = reference("glm4-nf4");
+    check_logits(&model, &r, F32_TOLERANCE, "glm4 quantized at load");
+    assert_eq!(greedy(&model, &r.prompts[0], STEPS), r.greedy[0]);
+    // 4-bit weights are held packed.
+    let dense = load("glm4", LoadOptions::default());
+    assert!(
+        model.weight_bytes() * 2 < dense.weight_bytes(),
+        "{} vs {}",
+        model.weight_bytes(),
+        dense.weight_bytes()
+    );
+    assert_eq!(model.weight_bytes(), load("glm4-nf4", LoadOptions::default()).weight_bytes());
+}
+
+#[test]
+fn nf4_in_half_precision_stays_close() {
+    for dtype in [DType::F16, DType::BF16] {
+        let model = load("glm4-nf4", with_dtype(dtype));
+        check_logits(&model, &reference("glm4-nf4"), 5e-2, &format!("glm4-nf4 {dtype:?}"));
+    }
+}

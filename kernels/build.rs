@@ -1,0 +1,60 @@
+//! Compiles every kernels/*.cu to PTX for sm_90 with nvcc; src/lib.rs embeds the results.
+//! nvcc comes from $NVCC, else $CUDA_HOME/bin/nvcc, else PATH (scripts/cuda-toolchain.sh sets all three).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::{env, fs};
+
+/// Hopper (H100/H200). A kernel that needs wgmma/setmaxnreg would take compute_90a instead.
+const ARCH: &str = "sm_90";
+
+fn nvcc() -> PathBuf {
+    if let Some(nvcc) = env::var_os("NVCC") {
+        return nvcc.into();
+    }
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        return Path::new(&home).join("bin/nvcc");
+    }
+    "nvcc".into()
+}
+
+fn main() {
+    // Without the `cuda` feature the crate is empty: CPU builds must not need nvcc.
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    println!("cargo:rerun-if-changed={}", dir.join("common.cuh").display());
+
+    let mut sources: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.expect("readable kernels/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .collect();
+    sources.sort();
+
+    let nvcc = nvcc();
+    for source in &sources {
+        println!("cargo:rerun-if-changed={}", source.display());
+        let stem = source.file_stem().expect(".cu file has a stem").to_string_lossy();
+        let ptx = out_dir.join(format!("{stem}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={ARCH}"), "-o"])
+            .arg(&ptx)
+            .arg(source)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run nvcc ({}): {e}. The `cuda` feature needs the CUDA 13.0 toolchain: \
+                     run `eval \"$(scripts/cuda-toolchain.sh --env)\"` first.",
+                    nvcc.display()
+                )
+            });
+        if !status.success() {
+            panic!("nvcc failed on {} ({status})", source.display());
+        }
+    }
+}
