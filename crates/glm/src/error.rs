@@ -55,6 +55,8 @@ pub enum GlmError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     #[error("invalid input: {0}")]
     Input(String),
     #[error(transparent)]

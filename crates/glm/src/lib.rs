@@ -18,9 +18,11 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod linear;
 pub mod loader;
 pub mod model;
+pub mod plan;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -80,7 +80,8 @@ impl Rotary {
         }
         let rotated = rope_i(&x.narrow(D::Minus1, 0, self.dim)?.contiguous()?, cos, sin)?;
         let pass = x.narrow(D::Minus1, self.dim, head_dim - self.dim)?;
-        Ok(Tensor::cat(&[&rotated, &pass], D::Minus1)?)
+        // cat along the last dim can return a strided view; the attention matmuls need rows.
+        Ok(Tensor::cat(&[&rotated, &pass], D::Minus1)?.contiguous()?)
     }
 }
 

@@ -124,8 +124,9 @@ fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
     out.tokens
 }
 
-/// Prefill and every decode step within `tolerance` × logit scale of the reference, for both prompts.
-fn check_logits(model: &Model, r: &Reference, tolerance: f32, what: &str) -> f32 {
+/// Prefill and every decode step within `bound` (absolute) of the reference, for both prompts;
+/// returns the largest difference.
+fn check_logits(model: &Model, r: &Reference, bound: f32, what: &str) -> f32 {
     let mut worst = 0.0f32;
     for (i, prompt) in r.prompts.iter().enumerate() {
         let (prefill, decode) = teacher_forced(model, prompt, &r.greedy[i]);
@@ -135,19 +136,17 @@ fn check_logits(model: &Model, r: &Reference, tolerance: f32, what: &str) -> f32
         for step in 0..STEPS {
             let diff = max_diff(&decode.get(step).unwrap(), &r.decode[i].get(step).unwrap());
             assert!(
-                diff <= tolerance * r.scale,
-                "{what}: prompt {i} decode step {step}: max |diff| {diff} > {tolerance} × {}",
-                r.scale
+                diff <= bound,
+                "{what}: prompt {i} decode step {step}: max |diff| {diff} > {bound}"
             );
         }
-        assert!(
-            p <= tolerance * r.scale,
-            "{what}: prompt {i} prefill: max |diff| {p} > {tolerance} × {}",
-            r.scale
-        );
+        assert!(p <= bound, "{what}: prompt {i} prefill: max |diff| {p} > {bound}");
         worst = worst.max(p).max(d);
     }
-    eprintln!("{what}: max |logit diff| {worst:.3e} (scale {:.3})", r.scale);
+    eprintln!(
+        "{what}: max |logit diff| {worst:.3e} (bound {bound:.3e}, scale {:.3})",
+        r.scale
+    );
     worst
 }
 
@@ -155,7 +154,7 @@ fn check_f32_fixture(name: &str, arch: Architecture) {
     let model = load(name, LoadOptions::default());
     assert_eq!(model.config().architecture, arch);
     let r = reference(name);
-    check_logits(&model, &r, F32_TOLERANCE, name);
+    check_logits(&model, &r, F32_TOLERANCE * r.scale, name);
     for (i, prompt) in r.prompts.iter().enumerate() {
         assert_eq!(greedy(&model, prompt, STEPS), r.greedy[i], "{name}: greedy tokens, prompt {i}");
     }
@@ -246,16 +245,27 @@ fn batch_of_two_equals_one_at_a_time() {
     }
 }
 
+/// How far transformers itself lands from its f32 logits in `dtype` ("float16"/"bfloat16"), recorded
+/// by the fixture script on the same teacher-forced tokens.
+fn transformers_half_error(name: &str, dtype: &str) -> f32 {
+    let path = fixture(name).join("reference.json");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    summary["transformers_half_precision_max_abs_diff"][dtype]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{}: no {dtype} error recorded", path.display())) as f32
+}
+
 #[test]
 fn half_precision_stays_close() {
-    // Teacher-forced on the reference tokens, so the bound is about the arithmetic, not near-ties.
-    // f16 keeps 11 bits of mantissa, bf16 8: bounds a few rounding steps of the logit scale.
-    for (dtype, tolerance) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+    // Teacher-forced on the reference tokens, so the bound is about the arithmetic, not near-ties:
+    // our f16/bf16 logits stay within twice the distance transformers' own f16/bf16 run keeps from f32.
+    for (dtype, torch_name) in [(DType::F16, "float16"), (DType::BF16, "bfloat16")] {
         for name in ["glm", "glm4", "glm4v", "chatglm"] {
             let model = load(name, with_dtype(dtype));
             assert_eq!(model.dtype(), dtype);
-            let worst = check_logits(&model, &reference(name), tolerance, &format!("{name} {dtype:?}"));
-            assert!(worst > 0.0, "{name} {dtype:?}: identical to f32, so not computed in {dtype:?}");
+            let bound = 2.0 * transformers_half_error(name, torch_name);
+            let worst = check_logits(&model, &reference(name), bound, &format!("{name} {dtype:?}"));
+            assert!(worst > 1e-4, "{name} {dtype:?}: as exact as f32, so not computed in {dtype:?}");
         }
     }
 }
@@ -265,7 +275,7 @@ fn nf4_checkpoint_matches_transformers_bitsandbytes() {
     let model = load("glm4-nf4", LoadOptions::default());
     assert!(model.config().quantization.is_some());
     let r = reference("glm4-nf4");
-    check_logits(&model, &r, F32_TOLERANCE, "glm4-nf4");
+    check_logits(&model, &r, F32_TOLERANCE * r.scale, "glm4-nf4");
     for (i, prompt) in r.prompts.iter().enumerate() {
         assert_eq!(greedy(&model, prompt, STEPS), r.greedy[i], "glm4-nf4: greedy tokens, prompt {i}");
     }
@@ -282,7 +292,7 @@ fn quantize_at_load_matches_bitsandbytes() {
     let model = load("glm4", options);
     assert!(model.config().quantization.is_none());
     let r = reference("glm4-nf4");
-    check_logits(&model, &r, F32_TOLERANCE, "glm4 quantized at load");
+    check_logits(&model, &r, F32_TOLERANCE * r.scale, "glm4 quantized at load");
     assert_eq!(greedy(&model, &r.prompts[0], STEPS), r.greedy[0]);
     // 4-bit weights are held packed.
     let dense = load("glm4", LoadOptions::default());
@@ -299,6 +309,9 @@ fn quantize_at_load_matches_bitsandbytes() {
 fn nf4_in_half_precision_stays_close() {
     for dtype in [DType::F16, DType::BF16] {
         let model = load("glm4-nf4", with_dtype(dtype));
-        check_logits(&model, &reference("glm4-nf4"), 5e-2, &format!("glm4-nf4 {dtype:?}"));
+        // The same weights dense in glm4 move this far in transformers: allow twice that.
+        let torch_name = if dtype == DType::F16 { "float16" } else { "bfloat16" };
+        let bound = 2.0 * transformers_half_error("glm4", torch_name);
+        check_logits(&model, &reference("glm4-nf4"), bound, &format!("glm4-nf4 {dtype:?}"));
     }
 }

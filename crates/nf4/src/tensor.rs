@@ -162,26 +162,28 @@ pub struct Nf4Tensor {
 pub(crate) trait Element: Copy + Send + Sync {
     const DTYPE: FloatDtype;
     const ZERO: Self;
-    fn to_f32(self) -> f32;
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]);
     fn from_f32_slice(src: &[f32], dst: &mut [Self]);
 }
 
 impl Element for f32 {
     const DTYPE: FloatDtype = FloatDtype::F32;
     const ZERO: Self = 0.0;
-    fn to_f32(self) -> f32 {
-        self
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
     fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
         dst.copy_from_slice(src);
     }
 }
 
+// half's slice conversions use F16C when the CPU has it; both directions are exact / round to
+// nearest even, as torch and bitsandbytes convert.
 impl Element for f16 {
     const DTYPE: FloatDtype = FloatDtype::F16;
     const ZERO: Self = f16::ZERO;
-    fn to_f32(self) -> f32 {
-        self.to_f32()
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
     fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
         dst.convert_from_f32_slice(src);
@@ -191,8 +193,8 @@ impl Element for f16 {
 impl Element for bf16 {
     const DTYPE: FloatDtype = FloatDtype::Bf16;
     const ZERO: Self = bf16::ZERO;
-    fn to_f32(self) -> f32 {
-        self.to_f32()
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
     fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
         dst.convert_from_f32_slice(src);
@@ -228,26 +230,31 @@ impl Nf4Tensor {
                 got: data.len(),
             });
         }
-        if let Some(index) = data.par_iter().position_first(|v| !v.to_f32().is_finite()) {
-            return Err(Nf4Error::NonFinite {
-                index,
-                value: data[index].to_f32(),
-            });
-        }
-
         let bs = opts.blocksize;
         let blocks_per_task = (TASK_ELEMENTS / bs).max(1);
         let mut packed = vec![0u8; numel.div_ceil(2)];
         let mut absmax = vec![0.0f32; numel.div_ceil(bs)];
-        packed
+        let all_finite = packed
             .par_chunks_mut(blocks_per_task * bs / 2)
             .zip(data.par_chunks(blocks_per_task * bs))
             .zip(absmax.par_chunks_mut(blocks_per_task))
-            .for_each(|((packed, data), absmax)| {
+            .try_for_each(|((packed, data), absmax)| {
+                let mut scratch = BlockScratch::new();
                 for ((packed, block), absmax) in packed.chunks_mut(bs / 2).zip(data.chunks(bs)).zip(absmax) {
-                    *absmax = quantize_block(block, bs, opts.quant_type, packed);
+                    *absmax = scratch.quantize(block, bs, opts.quant_type, packed)?;
                 }
+                Ok(())
             });
+        if all_finite.is_err() {
+            // Report the first bad element whichever task stopped first.
+            let mut values = vec![0.0f32; numel];
+            T::to_f32_slice(data, &mut values);
+            let index = values.iter().position(|v| !v.is_finite()).unwrap_or_default();
+            return Err(Nf4Error::NonFinite {
+                index,
+                value: values[index],
+            });
+        }
 
         let absmax = if opts.double_quant {
             let nested = quantize_absmax(&absmax);
@@ -299,13 +306,19 @@ impl Nf4Tensor {
             .zip(self.packed.par_chunks(blocks_per_task * bs / 2))
             .zip(absmax.par_chunks(blocks_per_task))
             .for_each(|((out, packed), absmax)| {
-                let mut values = [0.0f32; MAX_BLOCKSIZE];
                 for ((out, packed), &scale) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).zip(absmax) {
-                    for (pair, &byte) in values.chunks_exact_mut(2).zip(packed) {
-                        pair[0] = codebook[(byte >> 4) as usize] * scale;
-                        pair[1] = codebook[(byte & 0x0f) as usize] * scale;
+                    // Each element is round(codebook[code] * scale): a function of the code alone
+                    // within a block, so convert the 16 products once and look them up.
+                    let mut table = [T::ZERO; 16];
+                    T::from_f32_slice(&codebook.map(|c| c * scale), &mut table);
+                    let mut pairs = out.chunks_exact_mut(2);
+                    for (pair, &byte) in (&mut pairs).zip(packed) {
+                        pair[0] = table[(byte >> 4) as usize];
+                        pair[1] = table[(byte & 0x0f) as usize];
                     }
-                    T::from_f32_slice(&values[..out.len()], out);
+                    if let ([last], Some(&byte)) = (pairs.into_remainder(), packed.last()) {
+                        *last = table[(byte >> 4) as usize];
+                    }
                 }
             });
         out
@@ -390,42 +403,72 @@ impl Nf4Tensor {
     }
 }
 
-/// Quantize one block (the last may be partial) into `packed`; returns the absmax to store.
-///
-/// bitsandbytes' CPU path (`backends/default/ops.py`): full blocks multiply by `1 / max(absmax, 1e-38)`
-/// and store the unclamped absmax; the partial last block divides by `max(absmax, 1e-38)` and stores
-/// that. Scaled values are clamped to [-1, 1] and bucketized against the midpoints; an odd element
-/// count pads the last byte with the code of 0.0.
-fn quantize_block<T: Element>(block: &[T], blocksize: usize, quant_type: QuantType, packed: &mut [u8]) -> f32 {
-    let n = block.len();
-    let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
-    let mut scaled = [0.0f32; MAX_BLOCKSIZE];
-    let stored = if n == blocksize {
-        let inv = 1.0 / absmax.max(ABSMAX_FLOOR);
-        for (s, v) in scaled.iter_mut().zip(block) {
-            *s = (v.to_f32() * inv).clamp(-1.0, 1.0);
-        }
-        absmax
-    } else {
-        let floor = absmax.max(ABSMAX_FLOOR);
-        for (s, v) in scaled.iter_mut().zip(block) {
-            *s = (v.to_f32() / floor).clamp(-1.0, 1.0);
-        }
-        floor
-    };
-    // Pad to whole bytes with 0.0 (scaled), which encodes as the codebook's zero.
-    let padded = n + n % 2;
+/// Per-task buffers for one block, reused across the task's blocks.
+struct BlockScratch {
+    values: [f32; MAX_BLOCKSIZE],
+    ranks: [u8; MAX_BLOCKSIZE],
+}
 
-    // rank = number of thresholds strictly below the value; one pass per threshold vectorizes well.
-    let mut ranks = [0u8; MAX_BLOCKSIZE];
-    for &t in quant_type.thresholds() {
-        for (r, &s) in ranks[..padded].iter_mut().zip(&scaled[..padded]) {
-            *r += u8::from(s > t);
+/// A block held a NaN or an infinity.
+struct NonFiniteBlock;
+
+impl BlockScratch {
+    fn new() -> Self {
+        BlockScratch {
+            values: [0.0; MAX_BLOCKSIZE],
+            ranks: [0; MAX_BLOCKSIZE],
         }
     }
-    let code_by_rank = quant_type.code_by_rank();
-    for (byte, pair) in packed.iter_mut().zip(ranks[..padded].chunks_exact(2)) {
-        *byte = (code_by_rank[pair[0] as usize] << 4) | code_by_rank[pair[1] as usize];
+
+    /// Quantize one block (the last may be partial) into `packed`; returns the absmax to store.
+    ///
+    /// bitsandbytes' CPU path (`backends/default/ops.py`): full blocks multiply by
+    /// `1 / max(absmax, 1e-38)` and store the unclamped absmax; the partial last block divides by
+    /// `max(absmax, 1e-38)` and stores that. Scaled values are clamped to [-1, 1] and bucketized
+    /// against the midpoints; an odd element count pads the last byte with the code of 0.0.
+    fn quantize<T: Element>(
+        &mut self,
+        block: &[T],
+        blocksize: usize,
+        quant_type: QuantType,
+        packed: &mut [u8],
+    ) -> Result<f32, NonFiniteBlock> {
+        let n = block.len();
+        // Pad to whole bytes with 0.0 (scaled), which encodes as the codebook's zero.
+        let padded = n + n % 2;
+        let values = &mut self.values[..padded];
+        values[n..].fill(0.0);
+        T::to_f32_slice(block, &mut values[..n]);
+        if !values.iter().all(|v| v.is_finite()) {
+            return Err(NonFiniteBlock);
+        }
+        let absmax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let stored = if n == blocksize {
+            let inv = 1.0 / absmax.max(ABSMAX_FLOOR);
+            for v in values.iter_mut() {
+                *v = (*v * inv).clamp(-1.0, 1.0);
+            }
+            absmax
+        } else {
+            let floor = absmax.max(ABSMAX_FLOOR);
+            for v in values.iter_mut() {
+                *v = (*v / floor).clamp(-1.0, 1.0);
+            }
+            floor
+        };
+
+        // rank = number of thresholds strictly below the value; one pass per threshold vectorizes.
+        let ranks = &mut self.ranks[..padded];
+        ranks.fill(0);
+        for &t in quant_type.thresholds() {
+            for (r, &v) in ranks.iter_mut().zip(values.iter()) {
+                *r += u8::from(v > t);
+            }
+        }
+        let code_by_rank = quant_type.code_by_rank();
+        for (byte, pair) in packed.iter_mut().zip(ranks.chunks_exact(2)) {
+            *byte = (code_by_rank[pair[0] as usize] << 4) | code_by_rank[pair[1] as usize];
+        }
+        Ok(stored)
     }
-    stored
 }
