@@ -183,7 +183,10 @@ impl Config {
                 return fail(format!("{key} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return fail(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
@@ -196,16 +199,22 @@ impl Config {
             ));
         }
         let rotary = self.rotary_dim();
-        if rotary == 0 || rotary % 2 != 0 {
+        if rotary == 0 || !rotary.is_multiple_of(2) {
             return fail(format!(
                 "rotary dimension head_dim × partial_rotary_factor = {rotary} must be even and positive"
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return fail(format!("rope_theta must be positive, got {}", self.rope_theta));
+            return fail(format!(
+                "rope_theta must be positive, got {}",
+                self.rope_theta
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return fail(format!("rms_norm_eps must be ≥ 0, got {}", self.rms_norm_eps));
+            return fail(format!(
+                "rms_norm_eps must be ≥ 0, got {}",
+                self.rms_norm_eps
+            ));
         }
         Ok(())
     }
@@ -441,9 +450,11 @@ impl RawConfig {
             // Glm4vTextAttention always has q/k/v biases.
             attention_bias: glm4v || self.attention_bias.unwrap_or(true),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            max_position_embeddings: self
-                .max_position_embeddings
-                .unwrap_or(if glm4v { 32768 } else { 131072 }),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(if glm4v {
+                32768
+            } else {
+                131072
+            }),
             eos_token_ids: self.eos(path)?,
             pad_token_id: self.pad(path)?,
             torch_dtype: self.dtype(path)?,
@@ -489,13 +500,13 @@ impl RawConfig {
         } else {
             num_attention_heads
         };
-        let vocab_size = self
-            .padded_vocab_size
-            .or(self.vocab_size)
-            .ok_or_else(|| GlmError::Config {
-                path: path.to_path_buf(),
-                message: "missing key \"padded_vocab_size\"".into(),
-            })?;
+        let vocab_size =
+            self.padded_vocab_size
+                .or(self.vocab_size)
+                .ok_or_else(|| GlmError::Config {
+                    path: path.to_path_buf(),
+                    message: "missing key \"padded_vocab_size\"".into(),
+                })?;
         Ok(Config {
             architecture: Architecture::ChatGlm,
             vocab_size,
@@ -522,4 +533,3 @@ impl RawConfig {
         })
     }
 }
-

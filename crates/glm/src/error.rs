@@ -29,6 +29,10 @@ pub enum GlmError {
          point at a directory holding a safetensors checkpoint"
     )]
     NoCheckpoint { dir: PathBuf },
+    #[error(
+        "{path} is missing: {index} lists it as a shard of the checkpoint (incomplete download?)"
+    )]
+    MissingShard { path: PathBuf, index: PathBuf },
     #[error("{path} is not a valid safetensors file ({reason}); re-download or re-export it")]
     Safetensors { path: PathBuf, reason: String },
     #[error("tensor {name} is missing from {location}: the checkpoint is incomplete or does not match config.json")]
@@ -63,6 +67,8 @@ pub enum GlmError {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Sampling(#[from] crate::sampling::SamplingError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
 }
 
 pub type Result<T> = std::result::Result<T, GlmError>;

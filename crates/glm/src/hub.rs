@@ -54,7 +54,10 @@ fn looks_like_repo_id(model: &str) -> bool {
 /// `HF_HUB_OFFLINE=1` (or true/yes/on), as huggingface_hub reads it.
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
-        matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
     })
 }
 
@@ -85,7 +88,9 @@ pub fn cached_snapshot(cache: &Cache, repo_id: &str, revision: &str) -> Result<P
         }
     }
     if !snapshot.join(SINGLE_FILE).is_file() && !snapshot.join(INDEX_FILE).is_file() {
-        return Err(not_cached(format!("snapshot {commit} has no safetensors checkpoint")));
+        return Err(not_cached(format!(
+            "snapshot {commit} has no safetensors checkpoint"
+        )));
     }
     Ok(snapshot)
 }
@@ -108,7 +113,9 @@ fn download(repo_id: &str, revision: &str) -> Result<PathBuf> {
         revision.to_string(),
     ));
     let [config_file, tokenizer_file] = REQUIRED_FILES;
-    let config = repo.get(config_file).map_err(|e| hub_error(config_file, e))?;
+    let config = repo
+        .get(config_file)
+        .map_err(|e| hub_error(config_file, e))?;
     repo.get(tokenizer_file)
         .map_err(|e| hub_error(tokenizer_file, e))?;
     for file in OPTIONAL_FILES {
@@ -122,7 +129,8 @@ fn download(repo_id: &str, revision: &str) -> Result<PathBuf> {
             }
         }
         Err(_) => {
-            repo.get(SINGLE_FILE).map_err(|e| hub_error(SINGLE_FILE, e))?;
+            repo.get(SINGLE_FILE)
+                .map_err(|e| hub_error(SINGLE_FILE, e))?;
         }
     }
     Ok(config
@@ -137,10 +145,11 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
         path: index.to_path_buf(),
         source,
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| GlmError::Json {
-        path: index.to_path_buf(),
-        source,
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| GlmError::Json {
+            path: index.to_path_buf(),
+            source,
+        })?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())

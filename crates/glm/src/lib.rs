@@ -22,7 +22,9 @@ pub mod hub;
 pub mod linear;
 pub mod loader;
 pub mod model;
+pub mod pipeline;
 pub mod plan;
+pub mod save;
 pub mod sampling;
 pub mod tokenizer;
 

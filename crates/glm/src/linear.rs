@@ -116,7 +116,9 @@ impl Linear {
                 let shape = (self.out_features, self.in_features);
                 // bitsandbytes dequantizes straight to the compute dtype; so do we.
                 let w = match dtype {
-                    DType::F16 => Tensor::from_vec::<_, f16>(packed.dequantize_f16(), shape, device)?,
+                    DType::F16 => {
+                        Tensor::from_vec::<_, f16>(packed.dequantize_f16(), shape, device)?
+                    }
                     DType::BF16 => {
                         Tensor::from_vec::<_, bf16>(packed.dequantize_bf16(), shape, device)?
                     }

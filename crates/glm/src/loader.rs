@@ -87,7 +87,10 @@ impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
             .field("dir", &self.dir)
-            .field("files", &self.files.iter().map(|f| &f.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.locations.len())
             .finish()
     }
@@ -114,7 +117,16 @@ impl Checkpoint {
             shard_names.dedup();
             let files = shard_names
                 .into_iter()
-                .map(|name| SafetensorsFile::open(dir.join(name)))
+                .map(|name| {
+                    let path = dir.join(name);
+                    if !path.exists() {
+                        return Err(GlmError::MissingShard {
+                            path,
+                            index: index_path.clone(),
+                        });
+                    }
+                    SafetensorsFile::open(path)
+                })
                 .collect::<Result<Vec<_>>>()?;
             (files, Some(index.weight_map))
         } else if single.exists() {
@@ -197,11 +209,21 @@ fn view_to_tensor(name: &str, path: &Path, view: &TensorView, device: &Device) -
     // pod_collect_to_vec copies into an aligned buffer: mapped data need not be aligned. Safetensors
     // data is little-endian, as is every target we build for.
     let tensor = match view.dtype() {
-        StDtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(bytes), shape, device)?,
-        StDtype::F16 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f16>(bytes), shape, device)?,
-        StDtype::BF16 => {
-            Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, bf16>(bytes), shape, device)?
-        }
+        StDtype::F32 => Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
+            shape,
+            device,
+        )?,
+        StDtype::F16 => Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, f16>(bytes),
+            shape,
+            device,
+        )?,
+        StDtype::BF16 => Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, bf16>(bytes),
+            shape,
+            device,
+        )?,
         other => {
             return Err(GlmError::UnsupportedDtype {
                 name: name.to_string(),
@@ -309,6 +331,21 @@ impl<'a> WeightLoader<'a> {
 
     /// Reads `name`, checks its shape and converts it to the compute dtype.
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.dense_as(name, shape, self.options.dtype)
+    }
+
+    /// Dtype to read linear weights in: f32 (exact for any stored float type) when they are to be
+    /// quantized, so quantization sees the checkpoint's own values, else the compute dtype.
+    fn linear_weight_dtype(&self) -> DType {
+        if self.options.quantize.is_some() {
+            DType::F32
+        } else {
+            self.options.dtype
+        }
+    }
+
+    /// Reads `name`, checks its shape and converts it to `dtype`.
+    fn dense_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let view = self.checkpoint.view(name)?;
         let path = self.path_of(name);
         if view.shape() != shape {
@@ -321,7 +358,7 @@ impl<'a> WeightLoader<'a> {
         }
         self.used.borrow_mut().insert(name.to_string());
         let tensor = view_to_tensor(name, &path, &view, &self.options.device)?;
-        Ok(tensor.to_dtype(self.options.dtype)?)
+        Ok(tensor.to_dtype(dtype)?)
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
@@ -387,7 +424,12 @@ impl<'a> WeightLoader<'a> {
         let c = self.config;
         let attn_width = c.num_attention_heads * c.head_dim;
         let (hf, chatglm, out, inp) = match which {
-            LayerProj::O => ("self_attn.o_proj", "self_attention.dense", c.hidden_size, attn_width),
+            LayerProj::O => (
+                "self_attn.o_proj",
+                "self_attention.dense",
+                c.hidden_size,
+                attn_width,
+            ),
             LayerProj::GateUp => (
                 "mlp.gate_up_proj",
                 "mlp.dense_h_to_4h",
@@ -417,7 +459,12 @@ impl<'a> WeightLoader<'a> {
         let prefix = self.layer_prefix(layer);
         if !self.chatglm() {
             let proj = |p: &str, out| {
-                self.projection(&format!("{prefix}self_attn.{p}_proj"), out, c.hidden_size, c.attention_bias)
+                self.projection(
+                    &format!("{prefix}self_attn.{p}_proj"),
+                    out,
+                    c.hidden_size,
+                    c.attention_bias,
+                )
             };
             return Ok((proj("q", q_out)?, proj("k", kv_out)?, proj("v", kv_out)?));
         }
@@ -431,7 +478,11 @@ impl<'a> WeightLoader<'a> {
             )));
         }
         let rows = q_out + 2 * kv_out;
-        let weight = self.dense(&format!("{base}.weight"), &[rows, c.hidden_size])?;
+        let weight = self.dense_as(
+            &format!("{base}.weight"),
+            &[rows, c.hidden_size],
+            self.linear_weight_dtype(),
+        )?;
         let bias = if c.attention_bias {
             Some(self.dense(&format!("{base}.bias"), &[rows])?)
         } else {
@@ -475,7 +526,10 @@ impl<'a> WeightLoader<'a> {
     fn has_quant_state(&self, weight: &str) -> bool {
         ["bitsandbytes__nf4", "bitsandbytes__fp4"]
             .iter()
-            .any(|kind| self.checkpoint.contains(&format!("{weight}.quant_state.{kind}")))
+            .any(|kind| {
+                self.checkpoint
+                    .contains(&format!("{weight}.quant_state.{kind}"))
+            })
     }
 
     /// A linear layer `base.weight` [out, inp] (+ `base.bias` [out]), dense or 4-bit.
@@ -495,21 +549,22 @@ impl<'a> WeightLoader<'a> {
                     expected: vec![out, inp],
                 });
             }
-            return Ok(Linear::nf4(packed, self.options.dtype, &self.options.device, bias)?);
+            return Linear::nf4(packed, self.options.dtype, &self.options.device, bias);
         }
-        let weight = self.dense(&name, &[out, inp])?;
+        let weight = self.dense_as(&name, &[out, inp], self.linear_weight_dtype())?;
         self.make_linear(weight, bias, base)
     }
 
-    /// Wraps a dense weight, quantizing it first when the options ask for 4 bits.
+    /// Wraps a weight read in [`Self::linear_weight_dtype`]: quantized when the options ask for 4 bits,
+    /// else as it is.
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>, base: &str) -> Result<Linear> {
         let Some(opts) = &self.options.quantize else {
             return Linear::dense(weight, bias);
         };
         let shape = weight.dims().to_vec();
-        // Checkpoint values converted to f32 exactly (bf16/f16 → f32 is exact), so the codes equal
-        // what bitsandbytes computes from the same checkpoint.
-        let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // The checkpoint's values in f32 (exact for bf16/f16), so the codes equal what bitsandbytes
+        // computes from the checkpoint loaded in its own dtype.
+        let values = weight.flatten_all()?.to_vec1::<f32>()?;
         let packed = nf4::Nf4Tensor::quantize_f32(&values, &shape, opts).map_err(|source| {
             GlmError::Nf4 {
                 name: format!("{base}.weight"),
@@ -578,7 +633,11 @@ impl<'a> WeightLoader<'a> {
                 "ignoring {} checkpoint tensors the decoder does not use: {}{}",
                 other.len(),
                 shown.join(", "),
-                if other.len() > shown.len() { ", ..." } else { "" }
+                if other.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
             ));
         }
         notes

@@ -65,9 +65,10 @@ impl Rotary {
 
     /// cos and sin of shape [seq, dim/2] for positions offset..offset+seq, in `dtype`.
     fn tables(&self, offset: usize, seq: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let positions = Tensor::arange(offset as u32, (offset + seq) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq, 1))?;
+        let positions =
+            Tensor::arange(offset as u32, (offset + seq) as u32, self.inv_freq.device())?
+                .to_dtype(DType::F32)?
+                .reshape((seq, 1))?;
         let freqs = positions.broadcast_mul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -437,13 +438,19 @@ impl Model {
         result
     }
 
-    fn run_layers(&self, input_ids: &Tensor, b: usize, s: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        b: usize,
+        s: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let offset = cache.seq_len;
         let ids = input_ids.to_device(&self.device)?.flatten_all()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, s, self.config.hidden_size))?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, s, self.config.hidden_size))?;
         let tables = self.rotary.tables(offset, s, self.dtype)?;
         let mask = if s > 1 {
             Some(causal_mask(s, offset, &self.device)?)
@@ -503,7 +510,15 @@ impl Model {
 fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let t = offset + s;
     let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (s, t), device)?)
 }

@@ -156,7 +156,8 @@ fn decide(
     prequantized: bool,
     budget: Option<&MemoryBudget>,
 ) -> Result<(Precision, String)> {
-    let fits = |f: &Footprint| budget.is_none_or(|b| f.total() as f64 <= b.usable as f64 * SAFETY_MARGIN);
+    let fits =
+        |f: &Footprint| budget.is_none_or(|b| f.total() as f64 <= b.usable as f64 * SAFETY_MARGIN);
     let within = |f: &Footprint| match budget {
         Some(b) => format!(
             "{} of the {} usable ({})",
@@ -166,33 +167,38 @@ fn decide(
         ),
         None => format!("{} (usable memory unknown)", human_bytes(f.total())),
     };
-    let (choice, reason) = match mode {
-        QuantMode::Nf4 => (Precision::Nf4, format!("4-bit requested: {}", within(nf4))),
-        QuantMode::None if prequantized => {
-            return Err(GlmError::Input(
+    let (choice, reason) =
+        match mode {
+            QuantMode::Nf4 => (Precision::Nf4, format!("4-bit requested: {}", within(nf4))),
+            QuantMode::None if prequantized => return Err(GlmError::Input(
                 "--quant none asks for dense weights, but this checkpoint stores 4-bit weights: \
                  use --quant 4bit (or auto), or load the original dense checkpoint"
                     .into(),
-            ))
-        }
-        QuantMode::None => (Precision::Dense, format!("dense requested: {}", within(dense))),
-        QuantMode::Auto if prequantized => (
-            Precision::Nf4,
-            format!("the checkpoint is stored in 4 bits: {}", within(nf4)),
-        ),
-        QuantMode::Auto if fits(dense) => (
-            Precision::Dense,
-            format!("dense weights fit with room for the KV cache: {}", within(dense)),
-        ),
-        QuantMode::Auto => (
-            Precision::Nf4,
-            format!(
-                "dense weights would need {}, more than fits; 4-bit needs {}",
-                human_bytes(dense.total()),
-                within(nf4)
+            )),
+            QuantMode::None => (
+                Precision::Dense,
+                format!("dense requested: {}", within(dense)),
             ),
-        ),
-    };
+            QuantMode::Auto if prequantized => (
+                Precision::Nf4,
+                format!("the checkpoint is stored in 4 bits: {}", within(nf4)),
+            ),
+            QuantMode::Auto if fits(dense) => (
+                Precision::Dense,
+                format!(
+                    "dense weights fit with room for the KV cache: {}",
+                    within(dense)
+                ),
+            ),
+            QuantMode::Auto => (
+                Precision::Nf4,
+                format!(
+                    "dense weights would need {}, more than fits; 4-bit needs {}",
+                    human_bytes(dense.total()),
+                    within(nf4)
+                ),
+            ),
+        };
     let chosen = match choice {
         Precision::Dense => dense,
         Precision::Nf4 => nf4,
@@ -219,7 +225,11 @@ fn decide(
 }
 
 /// Bytes of every part of the model held at `precision`, for the request.
-pub fn footprint(config: &Config, request: &PlanRequest, precision: Precision) -> Result<Footprint> {
+pub fn footprint(
+    config: &Config,
+    request: &PlanRequest,
+    precision: Precision,
+) -> Result<Footprint> {
     let elem = request.dtype.size_in_bytes() as u64;
     let h = config.hidden_size as u64;
     let q_out = (config.num_attention_heads * config.head_dim) as u64;
@@ -235,10 +245,18 @@ pub fn footprint(config: &Config, request: &PlanRequest, precision: Precision) -
                 .map_err(|e| GlmError::Input(format!("4-bit options: {e}"))),
         }
     };
-    let bias = if config.attention_bias { (q_out + 2 * kv_out) * elem } else { 0 };
+    let bias = if config.attention_bias {
+        (q_out + 2 * kv_out) * elem
+    } else {
+        0
+    };
     let attention = linear(q_out, h)? + 2 * linear(kv_out, h)? + linear(h, q_out)? + bias;
     let mlp = linear(2 * inter, h)? + linear(h, inter)?;
-    let norms_per_layer = if config.architecture.has_post_sublayer_norms() { 4 } else { 2 };
+    let norms_per_layer = if config.architecture.has_post_sublayer_norms() {
+        4
+    } else {
+        2
+    };
     let layers = config.num_hidden_layers as u64;
     let kv_cache = 2 * layers * request.batch as u64 * kv_out * request.context_len as u64 * elem;
     Ok(Footprint {
@@ -247,7 +265,11 @@ pub fn footprint(config: &Config, request: &PlanRequest, precision: Precision) -
         mlp: layers * mlp,
         norms: (layers * norms_per_layer + 1) * h * elem,
         // bitsandbytes and we keep the output projection dense.
-        lm_head: if config.tie_word_embeddings { 0 } else { vocab * h * elem },
+        lm_head: if config.tie_word_embeddings {
+            0
+        } else {
+            vocab * h * elem
+        },
         kv_cache,
         activations: activation_bytes(config, request),
         overhead: request.runtime_overhead,
@@ -276,7 +298,11 @@ fn activation_bytes(config: &Config, request: &PlanRequest) -> u64 {
 impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dtype = format!("{:?}", self.dtype).to_lowercase();
-        writeln!(f, "memory plan ({dtype}, context {} tokens)", self.context_len)?;
+        writeln!(
+            f,
+            "memory plan ({dtype}, context {} tokens)",
+            self.context_len
+        )?;
         writeln!(f, "  {:<22}{:>12}{:>12}", "", dtype, "nf4")?;
         let rows: [(&str, fn(&Footprint) -> u64); 10] = [
             ("embedding", |p| p.embedding),
@@ -299,7 +325,12 @@ impl fmt::Display for MemoryPlan {
             )?;
         }
         if let Some(b) = &self.budget {
-            writeln!(f, "  usable memory: {} ({})", human_bytes(b.usable), b.source)?;
+            writeln!(
+                f,
+                "  usable memory: {} ({})",
+                human_bytes(b.usable),
+                b.source
+            )?;
         }
         write!(f, "  decision: {} ({})", self.choice, self.reason)
     }
@@ -328,7 +359,9 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: f64 = number.parse().map_err(|_| {
-        GlmError::Input(format!("'{text}' is not a memory size: write e.g. 12GiB, 800MB or 1024"))
+        GlmError::Input(format!(
+            "'{text}' is not a memory size: write e.g. 12GiB, 800MB or 1024"
+        ))
     })?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,

@@ -142,7 +142,10 @@ fn check_logits(logits: &[f32]) -> Result<()> {
             return Err(SamplingError::NonFiniteLogit { what: "NaN", index });
         }
         if x == f32::INFINITY {
-            return Err(SamplingError::NonFiniteLogit { what: "+inf", index });
+            return Err(SamplingError::NonFiniteLogit {
+                what: "+inf",
+                index,
+            });
         }
     }
     if logits.iter().all(|&x| x == f32::NEG_INFINITY) {
@@ -269,7 +272,10 @@ impl Sampler {
         if dims.is_empty() || dims[..dims.len() - 1].iter().any(|&d| d != 1) {
             return Err(SamplingError::LogitsShape(dims.to_vec()));
         }
-        let row = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let row = logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         self.sample(&row, context)
     }
 }

@@ -34,7 +34,8 @@ fn load_err(dir: &Path) -> GlmError {
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut config);
     fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }
@@ -52,8 +53,18 @@ fn configs_of_every_layout_normalize() {
     // glm-4-9b-chat-hf style: rope keys and torch_dtype at top level.
     let glm = Config::from_model_dir(fixture("glm")).unwrap();
     assert_eq!(glm.architecture, Architecture::Glm);
-    assert_eq!((glm.hidden_size, glm.num_hidden_layers, glm.num_attention_heads), (128, 2, 4));
-    assert_eq!((glm.num_key_value_heads, glm.head_dim, glm.rotary_dim()), (2, 32, 16));
+    assert_eq!(
+        (
+            glm.hidden_size,
+            glm.num_hidden_layers,
+            glm.num_attention_heads
+        ),
+        (128, 2, 4)
+    );
+    assert_eq!(
+        (glm.num_key_value_heads, glm.head_dim, glm.rotary_dim()),
+        (2, 32, 16)
+    );
     assert_eq!((glm.rope_theta, glm.partial_rotary_factor), (10000.0, 0.5));
     assert_eq!(glm.torch_dtype, Some(DType::BF16));
     assert!(!glm.tie_word_embeddings && glm.attention_bias);
@@ -62,21 +73,30 @@ fn configs_of_every_layout_normalize() {
     // transformers 5 style: rope_parameters, dtype; tied; head_dim ≠ hidden / heads.
     let glm4 = Config::from_model_dir(fixture("glm4")).unwrap();
     assert_eq!(glm4.architecture, Architecture::Glm4);
-    assert_eq!((glm4.head_dim, glm4.rotary_dim(), glm4.rms_norm_eps), (48, 24, 1e-5));
+    assert_eq!(
+        (glm4.head_dim, glm4.rotary_dim(), glm4.rms_norm_eps),
+        (48, 24, 1e-5)
+    );
     assert!(glm4.tie_word_embeddings);
     assert!(glm4.quantization.is_none());
 
     // GLM-4.1V: the decoder's keys under text_config, rope_scaling with mrope_section.
     let glm4v = Config::from_model_dir(fixture("glm4v")).unwrap();
     assert_eq!(glm4v.architecture, Architecture::Glm4v);
-    assert_eq!((glm4v.vocab_size, glm4v.head_dim, glm4v.rotary_dim()), (320, 32, 16));
+    assert_eq!(
+        (glm4v.vocab_size, glm4v.head_dim, glm4v.rotary_dim()),
+        (320, 32, 16)
+    );
 
     // ChatGLM names; theta = 10000 × rope_ratio; eos merged from generation_config.json.
     let chatglm = Config::from_model_dir(fixture("chatglm")).unwrap();
     assert_eq!(chatglm.architecture, Architecture::ChatGlm);
     assert_eq!((chatglm.vocab_size, chatglm.intermediate_size), (320, 256));
     assert_eq!((chatglm.num_key_value_heads, chatglm.head_dim), (2, 32));
-    assert_eq!((chatglm.rope_theta, chatglm.rms_norm_eps), (20000.0, 1.5625e-7));
+    assert_eq!(
+        (chatglm.rope_theta, chatglm.rms_norm_eps),
+        (20000.0, 1.5625e-7)
+    );
     assert!(chatglm.attention_bias && chatglm.chatglm_grouped_qkv);
     assert_eq!(chatglm.eos_token_ids, [310, 311, 312]);
 
@@ -107,7 +127,10 @@ fn rope_keys_are_found_at_top_level_or_nested() {
     assert_eq!((top.rope_theta, top.rotary_dim()), (500.0, 4));
     // Absent: transformers' GlmConfig/Glm4Config defaults.
     let default = Config::from_json(&format!("{{{base}}}"), path).unwrap();
-    assert_eq!((default.rope_theta, default.partial_rotary_factor), (10000.0, 0.5));
+    assert_eq!(
+        (default.rope_theta, default.partial_rotary_factor),
+        (10000.0, 0.5)
+    );
     // One eos id or a list.
     let one = Config::from_json(&format!(r#"{{{base}, "eos_token_id": 7}}"#), path).unwrap();
     assert_eq!(one.eos_token_ids, [7]);
@@ -123,20 +146,36 @@ fn rope_keys_are_found_at_top_level_or_nested() {
 #[test]
 fn unknown_architecture_names_config_json() {
     let dir = copy_fixture("glm");
-    edit_config(dir.path(), |c| c["architectures"] = serde_json::json!(["LlamaForCausalLM"]));
+    edit_config(dir.path(), |c| {
+        c["architectures"] = serde_json::json!(["LlamaForCausalLM"])
+    });
     let err = load_err(dir.path());
-    assert!(matches!(err, GlmError::UnknownArchitecture { .. }), "{err:?}");
+    assert!(
+        matches!(err, GlmError::UnknownArchitecture { .. }),
+        "{err:?}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains("config.json") && msg.contains("LlamaForCausalLM"), "{msg}");
-    assert!(msg.contains("GlmForCausalLM"), "should list what is supported: {msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("LlamaForCausalLM"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("GlmForCausalLM"),
+        "should list what is supported: {msg}"
+    );
 }
 
 #[test]
 fn bad_config_values_are_named() {
     let dir = copy_fixture("glm4");
-    edit_config(dir.path(), |c| c["num_key_value_heads"] = serde_json::json!(3));
+    edit_config(dir.path(), |c| {
+        c["num_key_value_heads"] = serde_json::json!(3)
+    });
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("config.json") && msg.contains("num_key_value_heads"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("num_key_value_heads"),
+        "{msg}"
+    );
 
     let dir = copy_fixture("chatglm");
     edit_config(dir.path(), |c| c["rmsnorm"] = serde_json::json!(false));
@@ -146,7 +185,10 @@ fn bad_config_values_are_named() {
     let dir = copy_fixture("glm");
     fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("config.json") && msg.contains("not valid JSON"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("not valid JSON"),
+        "{msg}"
+    );
 
     let dir = copy_fixture("glm");
     fs::remove_file(dir.path().join("config.json")).unwrap();
@@ -163,7 +205,10 @@ fn missing_tensor_is_named_with_its_file() {
     let err = load_err(dir.path());
     assert!(matches!(err, GlmError::MissingTensor { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("model.layers.1.mlp.down_proj.weight") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.mlp.down_proj.weight") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -176,17 +221,29 @@ fn wrong_shape_is_named_with_both_shapes() {
     let err = load_err(dir.path());
     let msg = err.to_string();
     assert!(matches!(err, GlmError::ShapeMismatch { .. }), "{err:?}");
-    assert!(msg.contains("model.layers.0.self_attn.k_proj.weight"), "{msg}");
-    assert!(msg.contains("[96, 127]") && msg.contains("[96, 128]"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.self_attn.k_proj.weight"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[96, 127]") && msg.contains("[96, 128]"),
+        "{msg}"
+    );
 
     // A ChatGLM fused query_key_value with the wrong row count.
     let dir = copy_fixture("chatglm");
     edit_weights(dir.path(), |t| {
         let w = Tensor::zeros((200, 128), DType::BF16, &Device::Cpu).unwrap();
-        t.insert("transformer.encoder.layers.0.self_attention.query_key_value.weight".into(), w);
+        t.insert(
+            "transformer.encoder.layers.0.self_attention.query_key_value.weight".into(),
+            w,
+        );
     });
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("query_key_value.weight") && msg.contains("[256, 128]"), "{msg}");
+    assert!(
+        msg.contains("query_key_value.weight") && msg.contains("[256, 128]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -197,7 +254,10 @@ fn non_float_weight_dtype_is_refused() {
         t.insert("model.norm.weight".into(), w);
     });
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("model.norm.weight") && msg.contains("U32"), "{msg}");
+    assert!(
+        msg.contains("model.norm.weight") && msg.contains("U32"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -226,21 +286,35 @@ fn shard_problems_are_named() {
     // A shard the index names is gone.
     let dir = copy_fixture("glm");
     fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+    let err = load_err(dir.path());
+    assert!(matches!(err, GlmError::MissingShard { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model-00002-of-00002.safetensors") && msg.contains("index.json"),
+        "{msg}"
+    );
 
     // The index lists a tensor its shard does not hold.
     let dir = copy_fixture("glm");
     let index_path = dir.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&fs::read_to_string(&index_path).unwrap()).unwrap();
-    index["weight_map"]["model.extra.weight"] = serde_json::json!("model-00001-of-00002.safetensors");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["weight_map"]["model.extra.weight"] =
+        serde_json::json!("model-00001-of-00002.safetensors");
     fs::write(&index_path, index.to_string()).unwrap();
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("model.extra.weight") && msg.contains("model-00001-of-00002"), "{msg}");
+    assert!(
+        msg.contains("model.extra.weight") && msg.contains("model-00001-of-00002"),
+        "{msg}"
+    );
 
     // No checkpoint at all.
     let dir = tempfile::tempdir().unwrap();
-    fs::copy(fixture("glm").join("config.json"), dir.path().join("config.json")).unwrap();
+    fs::copy(
+        fixture("glm").join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let err = load_err(dir.path());
     assert!(matches!(err, GlmError::NoCheckpoint { .. }), "{err:?}");
 }
@@ -252,14 +326,20 @@ fn nf4_weight_without_quant_state_is_named() {
         t.remove("model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4");
     });
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("model.layers.0.self_attn.q_proj.weight") && msg.contains("quant_state"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.self_attn.q_proj.weight") && msg.contains("quant_state"),
+        "{msg}"
+    );
 
     let dir = copy_fixture("glm4-nf4");
     edit_weights(dir.path(), |t| {
         t.remove("model.layers.1.mlp.down_proj.weight.absmax");
     });
     let msg = load_err(dir.path()).to_string();
-    assert!(msg.contains("model.layers.1.mlp.down_proj.weight.absmax"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.mlp.down_proj.weight.absmax"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -267,11 +347,18 @@ fn checkpoint_maps_without_loading() {
     let ckpt = Checkpoint::open(fixture("glm")).unwrap();
     assert!(ckpt.contains("lm_head.weight"));
     let file = ckpt.file_of("model.embed_tokens.weight").unwrap();
-    assert!(file.to_string_lossy().contains("-of-00002"), "{}", file.display());
+    assert!(
+        file.to_string_lossy().contains("-of-00002"),
+        "{}",
+        file.display()
+    );
     let view = ckpt.view("model.norm.weight").unwrap();
     assert_eq!(view.shape(), [128]);
     let err = ckpt.view("model.nope").unwrap_err().to_string();
-    assert!(err.contains("model.nope") && err.contains("shards"), "{err}");
+    assert!(
+        err.contains("model.nope") && err.contains("shards"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -283,18 +370,28 @@ fn bad_inputs_are_errors() {
     assert!(err.to_string().contains("prompt has no tokens"), "{err}");
 
     let err = generate(&model, &[1, 320], &mut sampler, &stop, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("320") && err.to_string().contains("vocabulary"), "{err}");
+    assert!(
+        err.to_string().contains("320") && err.to_string().contains("vocabulary"),
+        "{err}"
+    );
 
     let mut cache = model.new_cache();
     let wrong_dtype = Tensor::new(&[[1i64, 2]], &Device::Cpu).unwrap();
     assert!(model.forward(&wrong_dtype, &mut cache).is_err());
     let flat = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
     assert!(model.forward(&flat, &mut cache).is_err());
-    assert_eq!(cache.seq_len(), 0, "failed calls must leave the cache as it was");
+    assert_eq!(
+        cache.seq_len(),
+        0,
+        "failed calls must leave the cache as it was"
+    );
 
     // A cache filled for one sequence cannot continue a batch of two.
     model
-        .forward(&Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(), &mut cache)
+        .forward(
+            &Tensor::new(&[[1u32, 2]], &Device::Cpu).unwrap(),
+            &mut cache,
+        )
         .unwrap();
     let two = Tensor::new(&[[3u32], [4]], &Device::Cpu).unwrap();
     let err = model.forward(&two, &mut cache).unwrap_err();
@@ -317,12 +414,22 @@ fn generation_stops_on_eos() {
     let model = Model::load(fixture("glm"), &LoadOptions::default()).unwrap();
     let prompt = [87, 265, 47, 46, 244, 100, 52];
     let mut sampler = Sampler::new(SamplingConfig::greedy()).unwrap();
-    let free = generate(&model, &prompt, &mut sampler, &StopCondition::new(Vec::<u32>::new(), 8).unwrap(), |_| {})
-        .unwrap();
+    let free = generate(
+        &model,
+        &prompt,
+        &mut sampler,
+        &StopCondition::new(Vec::<u32>::new(), 8).unwrap(),
+        |_| {},
+    )
+    .unwrap();
     // Make the third greedy token an eos id: generation ends there, eos included.
     let stop = StopCondition::new(vec![free.tokens[2]], 8).unwrap();
     let out = generate(&model, &prompt, &mut sampler, &stop, |_| {}).unwrap();
-    let first_eos = free.tokens.iter().position(|&t| t == free.tokens[2]).unwrap();
+    let first_eos = free
+        .tokens
+        .iter()
+        .position(|&t| t == free.tokens[2])
+        .unwrap();
     assert_eq!(out.tokens, free.tokens[..=first_eos]);
     assert_eq!(out.finish, glm::sampling::FinishReason::Stop);
 }

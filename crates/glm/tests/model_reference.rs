@@ -54,7 +54,7 @@ fn reference(name: &str) -> Reference {
     let scale = prefill
         .iter()
         .chain(&decode)
-        .map(|x| max_abs(x))
+        .map(max_abs)
         .fold(0.0, f32::max);
     Reference {
         prompts: ids(&t["prompt_ids"]),
@@ -82,8 +82,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn load(name: &str, options: LoadOptions) -> Model {
-    Model::load(fixture(name), &options)
-        .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
+    Model::load(fixture(name), &options).unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
 }
 
 fn with_dtype(dtype: DType) -> LoadOptions {
@@ -94,7 +93,10 @@ fn with_dtype(dtype: DType) -> LoadOptions {
 }
 
 fn row(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 /// Our logits for a prompt and then each of `forced` fed one at a time through the KV cache:
@@ -108,7 +110,13 @@ fn teacher_forced(model: &Model, prompt: &[u32], forced: &[u32]) -> (Tensor, Ten
         .unwrap();
     let steps: Vec<Tensor> = forced
         .iter()
-        .map(|&t| model.forward(&row(&[t]), &mut cache).unwrap().squeeze(0).unwrap())
+        .map(|&t| {
+            model
+                .forward(&row(&[t]), &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+        })
         .collect();
     (prefill, Tensor::stack(&steps, 0).unwrap())
 }
@@ -120,7 +128,10 @@ fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut streamed = Vec::new();
     let out = generate(model, prompt, &mut sampler, &stop, |t| streamed.push(t)).unwrap();
     assert_eq!(out.finish, FinishReason::Length);
-    assert_eq!(streamed, out.tokens, "streamed tokens differ from the returned ones");
+    assert_eq!(
+        streamed, out.tokens,
+        "streamed tokens differ from the returned ones"
+    );
     out.tokens
 }
 
@@ -140,7 +151,10 @@ fn check_logits(model: &Model, r: &Reference, bound: f32, what: &str) -> f32 {
                 "{what}: prompt {i} decode step {step}: max |diff| {diff} > {bound}"
             );
         }
-        assert!(p <= bound, "{what}: prompt {i} prefill: max |diff| {p} > {bound}");
+        assert!(
+            p <= bound,
+            "{what}: prompt {i} prefill: max |diff| {p} > {bound}"
+        );
         worst = worst.max(p).max(d);
     }
     eprintln!(
@@ -156,7 +170,11 @@ fn check_f32_fixture(name: &str, arch: Architecture) {
     let r = reference(name);
     check_logits(&model, &r, F32_TOLERANCE * r.scale, name);
     for (i, prompt) in r.prompts.iter().enumerate() {
-        assert_eq!(greedy(&model, prompt, STEPS), r.greedy[i], "{name}: greedy tokens, prompt {i}");
+        assert_eq!(
+            greedy(&model, prompt, STEPS),
+            r.greedy[i],
+            "{name}: greedy tokens, prompt {i}"
+        );
     }
 }
 
@@ -191,7 +209,10 @@ fn vision_weights_are_reported_once() {
     assert_eq!(vision.len(), 1, "notes: {:?}", model.load_notes());
     // The dense text fixtures have nothing to ignore (ChatGLM's stored rotary table is expected).
     for name in ["glm", "glm4", "chatglm"] {
-        assert!(load(name, LoadOptions::default()).load_notes().is_empty(), "{name}");
+        assert!(
+            load(name, LoadOptions::default()).load_notes().is_empty(),
+            "{name}"
+        );
     }
 }
 
@@ -211,14 +232,27 @@ fn prefill_then_decode_equals_full_recompute() {
         // Position prompt_len + k holds the logits after feeding greedy token k.
         let recomputed = all.narrow(0, prompt.len(), STEPS).unwrap();
         let diff = max_diff(&recomputed, &decode);
-        assert!(diff <= 1e-5 * r.scale, "{name}: cached vs recomputed differ by {diff}");
+        assert!(
+            diff <= 1e-5 * r.scale,
+            "{name}: cached vs recomputed differ by {diff}"
+        );
         // A prompt split into two prefill chunks gives the same last logits too.
         let mut cache = model.new_cache();
         model.forward(&row(&full[..4]), &mut cache).unwrap();
         let chunked = model.forward(&row(&full[4..]), &mut cache).unwrap();
-        let diff = max_diff(&chunked.squeeze(0).unwrap(), &all.get(full.len() - 1).unwrap());
-        assert!(diff <= 1e-5 * r.scale, "{name}: chunked prefill differs by {diff}");
+        let diff = max_diff(
+            &chunked.squeeze(0).unwrap(),
+            &all.get(full.len() - 1).unwrap(),
+        );
+        assert!(
+            diff <= 1e-5 * r.scale,
+            "{name}: chunked prefill differs by {diff}"
+        );
         assert_eq!(cache.seq_len(), full.len());
+        // Keys and values of every layer: [batch 1, kv heads, tokens, head_dim] each, in f32.
+        let c = model.config();
+        let per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4;
+        assert_eq!(cache.bytes(), full.len() * per_token, "{name}");
     }
 }
 
@@ -227,20 +261,32 @@ fn batch_of_two_equals_one_at_a_time() {
     for name in ["glm", "glm4v"] {
         let model = load(name, LoadOptions::default());
         let r = reference(name);
-        let batch = Tensor::new(vec![r.prompts[0].clone(), r.prompts[1].clone()], &Device::Cpu).unwrap();
+        let batch = Tensor::new(
+            vec![r.prompts[0].clone(), r.prompts[1].clone()],
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut cache = model.new_cache();
         let prefill = model.forward_all(&batch, &mut cache).unwrap();
         let mut steps = Vec::new();
         for k in 0..8 {
-            let next = Tensor::new(vec![vec![r.greedy[0][k]], vec![r.greedy[1][k]]], &Device::Cpu).unwrap();
+            let next = Tensor::new(
+                vec![vec![r.greedy[0][k]], vec![r.greedy[1][k]]],
+                &Device::Cpu,
+            )
+            .unwrap();
             steps.push(model.forward(&next, &mut cache).unwrap());
         }
         let steps = Tensor::stack(&steps, 1).unwrap(); // [2, 8, vocab]
         for i in 0..2 {
-            let (single_prefill, single_decode) = teacher_forced(&model, &r.prompts[i], &r.greedy[i][..8]);
+            let (single_prefill, single_decode) =
+                teacher_forced(&model, &r.prompts[i], &r.greedy[i][..8]);
             let p = max_diff(&prefill.get(i).unwrap(), &single_prefill);
             let d = max_diff(&steps.get(i).unwrap(), &single_decode);
-            assert!(p <= 1e-5 * r.scale && d <= 1e-5 * r.scale, "{name} seq {i}: {p} {d}");
+            assert!(
+                p <= 1e-5 * r.scale && d <= 1e-5 * r.scale,
+                "{name} seq {i}: {p} {d}"
+            );
         }
     }
 }
@@ -249,7 +295,8 @@ fn batch_of_two_equals_one_at_a_time() {
 /// by the fixture script on the same teacher-forced tokens.
 fn transformers_half_error(name: &str, dtype: &str) -> f32 {
     let path = fixture(name).join("reference.json");
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     summary["transformers_half_precision_max_abs_diff"][dtype]
         .as_f64()
         .unwrap_or_else(|| panic!("{}: no {dtype} error recorded", path.display())) as f32
@@ -264,8 +311,16 @@ fn half_precision_stays_close() {
             let model = load(name, with_dtype(dtype));
             assert_eq!(model.dtype(), dtype);
             let bound = 2.0 * transformers_half_error(name, torch_name);
-            let worst = check_logits(&model, &reference(name), bound, &format!("{name} {dtype:?}"));
-            assert!(worst > 1e-4, "{name} {dtype:?}: as exact as f32, so not computed in {dtype:?}");
+            let worst = check_logits(
+                &model,
+                &reference(name),
+                bound,
+                &format!("{name} {dtype:?}"),
+            );
+            assert!(
+                worst > 1e-4,
+                "{name} {dtype:?}: as exact as f32, so not computed in {dtype:?}"
+            );
         }
     }
 }
@@ -277,7 +332,11 @@ fn nf4_checkpoint_matches_transformers_bitsandbytes() {
     let r = reference("glm4-nf4");
     check_logits(&model, &r, F32_TOLERANCE * r.scale, "glm4-nf4");
     for (i, prompt) in r.prompts.iter().enumerate() {
-        assert_eq!(greedy(&model, prompt, STEPS), r.greedy[i], "glm4-nf4: greedy tokens, prompt {i}");
+        assert_eq!(
+            greedy(&model, prompt, STEPS),
+            r.greedy[i],
+            "glm4-nf4: greedy tokens, prompt {i}"
+        );
     }
 }
 
@@ -292,7 +351,12 @@ fn quantize_at_load_matches_bitsandbytes() {
     let model = load("glm4", options);
     assert!(model.config().quantization.is_none());
     let r = reference("glm4-nf4");
-    check_logits(&model, &r, F32_TOLERANCE * r.scale, "glm4 quantized at load");
+    check_logits(
+        &model,
+        &r,
+        F32_TOLERANCE * r.scale,
+        "glm4 quantized at load",
+    );
     assert_eq!(greedy(&model, &r.prompts[0], STEPS), r.greedy[0]);
     // 4-bit weights are held packed.
     let dense = load("glm4", LoadOptions::default());
@@ -302,7 +366,10 @@ fn quantize_at_load_matches_bitsandbytes() {
         model.weight_bytes(),
         dense.weight_bytes()
     );
-    assert_eq!(model.weight_bytes(), load("glm4-nf4", LoadOptions::default()).weight_bytes());
+    assert_eq!(
+        model.weight_bytes(),
+        load("glm4-nf4", LoadOptions::default()).weight_bytes()
+    );
 }
 
 #[test]
@@ -310,8 +377,91 @@ fn nf4_in_half_precision_stays_close() {
     for dtype in [DType::F16, DType::BF16] {
         let model = load("glm4-nf4", with_dtype(dtype));
         // The same weights dense in glm4 move this far in transformers: allow twice that.
-        let torch_name = if dtype == DType::F16 { "float16" } else { "bfloat16" };
+        let torch_name = if dtype == DType::F16 {
+            "float16"
+        } else {
+            "bfloat16"
+        };
         let bound = 2.0 * transformers_half_error("glm4", torch_name);
-        check_logits(&model, &reference("glm4-nf4"), bound, &format!("glm4-nf4 {dtype:?}"));
+        check_logits(
+            &model,
+            &reference("glm4-nf4"),
+            bound,
+            &format!("glm4-nf4 {dtype:?}"),
+        );
     }
+}
+
+/// The chatglm fixture rewritten in GlmForCausalLM layout (query_key_value split into q/k/v, names
+/// mapped, theta = 10000 × rope_ratio), written to a temporary directory.
+fn chatglm_as_glm_layout() -> tempfile::TempDir {
+    let src = fixture("chatglm");
+    let c = glm::Config::from_model_dir(&src).unwrap();
+    let t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    out.insert(
+        "model.embed_tokens.weight".into(),
+        t["transformer.embedding.word_embeddings.weight"].clone(),
+    );
+    out.insert(
+        "model.norm.weight".into(),
+        t["transformer.encoder.final_layernorm.weight"].clone(),
+    );
+    out.insert("lm_head.weight".into(), t["transformer.output_layer.weight"].clone());
+    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    for i in 0..c.num_hidden_layers {
+        let (s, d) = (format!("transformer.encoder.layers.{i}."), format!("model.layers.{i}."));
+        for (from, to) in [
+            ("input_layernorm.weight", "input_layernorm.weight"),
+            ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+            ("self_attention.dense.weight", "self_attn.o_proj.weight"),
+            ("mlp.dense_h_to_4h.weight", "mlp.gate_up_proj.weight"),
+            ("mlp.dense_4h_to_h.weight", "mlp.down_proj.weight"),
+        ] {
+            out.insert(format!("{d}{to}"), t[&format!("{s}{from}")].clone());
+        }
+        for kind in ["weight", "bias"] {
+            let fused = &t[&format!("{s}self_attention.query_key_value.{kind}")];
+            for (p, start, len) in [("q", 0, q), ("k", q, kv), ("v", q + kv, kv)] {
+                let part = fused.narrow(0, start, len).unwrap().contiguous().unwrap();
+                out.insert(format!("{d}self_attn.{p}_proj.{kind}"), part);
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&out, dir.path().join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["GlmForCausalLM"],
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "partial_rotary_factor": 0.5, "attention_bias": true, "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn chatglm_split_quantizes_like_separate_projections() {
+    // Quantizing at load happens after the fused query_key_value is split, so the ChatGLM checkpoint
+    // and the same weights in GlmForCausalLM layout must give the same 4-bit model.
+    let glm_layout = chatglm_as_glm_layout();
+    let options = LoadOptions {
+        quantize: Some(nf4::QuantOptions::default()),
+        ..LoadOptions::default()
+    };
+    let chatglm = load("chatglm", options.clone());
+    let glm = Model::load(glm_layout.path(), &options).unwrap();
+    assert_eq!(chatglm.weight_bytes(), glm.weight_bytes());
+    let dense = load("chatglm", LoadOptions::default());
+    assert!(chatglm.weight_bytes() * 2 < dense.weight_bytes());
+    let r = reference("chatglm");
+    let (a_prefill, a_decode) = teacher_forced(&chatglm, &r.prompts[0], &r.greedy[0]);
+    let (b_prefill, b_decode) = teacher_forced(&glm, &r.prompts[0], &r.greedy[0]);
+    assert_eq!(max_diff(&a_prefill, &b_prefill), 0.0);
+    assert_eq!(max_diff(&a_decode, &b_decode), 0.0);
+    // And 4 bits really changed the weights.
+    let (d_prefill, _) = teacher_forced(&dense, &r.prompts[0], &r.greedy[0]);
+    assert!(max_diff(&a_prefill, &d_prefill) > 1e-3);
 }

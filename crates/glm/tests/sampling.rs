@@ -152,7 +152,10 @@ fn sample_frequencies_follow_the_probabilities() {
     for (i, (&count, &p)) in counts.iter().zip(&probs).enumerate() {
         let freq = count as f32 / draws as f32;
         // Five standard deviations of a binomial frequency at 40k draws is below 0.012.
-        assert!((freq - p).abs() < 0.012, "token {i}: frequency {freq}, probability {p}");
+        assert!(
+            (freq - p).abs() < 0.012,
+            "token {i}: frequency {freq}, probability {p}"
+        );
     }
 }
 
@@ -181,8 +184,17 @@ fn the_same_seed_gives_the_same_tokens_and_other_seeds_differ() {
     let first = draw(&config, 200);
     assert_eq!(first, draw(&config, 200));
     for seed in [0, 1, 43, u64::MAX] {
-        let other = draw(&SamplingConfig { seed, ..config.clone() }, 200);
-        assert_ne!(first, other, "seed {seed} gave the same 200 tokens as seed 42");
+        let other = draw(
+            &SamplingConfig {
+                seed,
+                ..config.clone()
+            },
+            200,
+        );
+        assert_ne!(
+            first, other,
+            "seed {seed} gave the same 200 tokens as seed 42"
+        );
     }
 }
 
@@ -212,8 +224,15 @@ fn tensor_logits_sample_like_the_slice() {
     assert_eq!(sampler.sample_tensor(&batch_of_one, &[]).unwrap(), expected);
     for dtype in [DType::F16, DType::BF16, DType::F64] {
         let converted = row.to_dtype(dtype).unwrap();
-        let rounded = converted.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(sampler.sample_tensor(&converted, &[]).unwrap(), argmax(&rounded));
+        let rounded = converted
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            sampler.sample_tensor(&converted, &[]).unwrap(),
+            argmax(&rounded)
+        );
     }
     let two_rows = Tensor::zeros((2, 300), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(
@@ -234,11 +253,26 @@ fn bad_settings_are_refused() {
         f(&mut config);
         Sampler::new(config).map(|_| ())
     };
-    assert!(matches!(with(|c| c.temperature = -0.5), Err(SamplingError::Temperature(_))));
-    assert!(matches!(with(|c| c.temperature = f64::NAN), Err(SamplingError::Temperature(_))));
-    assert!(matches!(with(|c| c.top_p = 1.5), Err(SamplingError::TopP(_))));
-    assert!(matches!(with(|c| c.top_p = -0.1), Err(SamplingError::TopP(_))));
-    assert!(matches!(with(|c| c.top_p = f64::NAN), Err(SamplingError::TopP(_))));
+    assert!(matches!(
+        with(|c| c.temperature = -0.5),
+        Err(SamplingError::Temperature(_))
+    ));
+    assert!(matches!(
+        with(|c| c.temperature = f64::NAN),
+        Err(SamplingError::Temperature(_))
+    ));
+    assert!(matches!(
+        with(|c| c.top_p = 1.5),
+        Err(SamplingError::TopP(_))
+    ));
+    assert!(matches!(
+        with(|c| c.top_p = -0.1),
+        Err(SamplingError::TopP(_))
+    ));
+    assert!(matches!(
+        with(|c| c.top_p = f64::NAN),
+        Err(SamplingError::TopP(_))
+    ));
     assert!(matches!(
         with(|c| c.repetition_penalty = 0.0),
         Err(SamplingError::RepetitionPenalty(_))
@@ -259,7 +293,10 @@ fn bad_logits_are_refused() {
     })
     .unwrap();
     for sampler in [&mut greedy, &mut sampling] {
-        assert!(matches!(sampler.sample(&[], &[]), Err(SamplingError::EmptyLogits)));
+        assert!(matches!(
+            sampler.sample(&[], &[]),
+            Err(SamplingError::EmptyLogits)
+        ));
         assert!(matches!(
             sampler.sample(&[0.0, f32::NAN], &[]),
             Err(SamplingError::NonFiniteLogit { index: 1, .. })
@@ -311,5 +348,8 @@ fn stop_condition_reports_stop_or_length() {
     ));
     assert_eq!(FinishReason::Stop.to_string(), "stop");
     assert_eq!(FinishReason::Length.as_str(), "length");
-    assert_eq!(serde_json::to_string(&FinishReason::Length).unwrap(), "\"length\"");
+    assert_eq!(
+        serde_json::to_string(&FinishReason::Length).unwrap(),
+        "\"length\""
+    );
 }

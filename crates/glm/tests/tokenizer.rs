@@ -85,7 +85,11 @@ fn chat_ids_equal_transformers_apply_chat_template() {
         let tokenizer = base.clone().with_chat_format(format);
         let messages = to_messages(&case.messages);
         let text = tokenizer.render_chat(&messages).unwrap();
-        assert_eq!(text, case.text, "{} ({}): rendered text", case.name, case.format);
+        assert_eq!(
+            text, case.text,
+            "{} ({}): rendered text",
+            case.name, case.format
+        );
         let ids = tokenizer.encode_chat(&messages).unwrap();
         assert_eq!(ids, case.ids, "{} ({}): ids", case.name, case.format);
     }
@@ -146,13 +150,23 @@ fn raw_encoding_and_decoding_equal_transformers() {
     let tokenizer = fixture_tokenizer();
     assert_eq!(tokenizer.vocab_size(), refs.vocab_size);
     for case in &refs.encodes {
-        assert_eq!(tokenizer.encode_raw(&case.text).unwrap(), case.ids, "{:?}", case.text);
+        assert_eq!(
+            tokenizer.encode_raw(&case.text).unwrap(),
+            case.ids,
+            "{:?}",
+            case.text
+        );
         let plain = tokenizer.inner().encode(case.text.as_str(), false).unwrap();
         assert_eq!(plain.get_ids(), case.ids_no_special, "{:?}", case.text);
         assert_eq!(tokenizer.decode(&case.ids).unwrap(), case.decoded);
     }
     for case in &refs.decodes {
-        assert_eq!(tokenizer.decode(&case.ids).unwrap(), case.decoded, "{:?}", case.ids);
+        assert_eq!(
+            tokenizer.decode(&case.ids).unwrap(),
+            case.decoded,
+            "{:?}",
+            case.ids
+        );
     }
 }
 
@@ -199,7 +213,11 @@ fn streaming_pieces_concatenate_to_the_full_decode() {
         .decodes
         .iter()
         .map(|c| (c.ids.clone(), c.decoded.clone()))
-        .chain(refs.encodes.iter().map(|c| (c.ids.clone(), c.decoded.clone())))
+        .chain(
+            refs.encodes
+                .iter()
+                .map(|c| (c.ids.clone(), c.decoded.clone())),
+        )
         .chain(chats.iter().map(|c| {
             let text = tokenizer.decode(&c.ids).unwrap();
             (c.ids.clone(), text)
@@ -219,14 +237,22 @@ fn streaming_never_splits_a_multibyte_character() {
         "你好，世界！我很好，谢谢。",
     ];
     for text in texts {
-        let ids = tokenizer.inner().encode(text, false).unwrap().get_ids().to_vec();
+        let ids = tokenizer
+            .inner()
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         let (pieces, held) = stream_pieces(&tokenizer, &ids);
         assert_eq!(pieces.concat(), text);
         for piece in &pieces {
             assert!(!piece.contains('\u{FFFD}'), "{text:?}: piece {piece:?}");
         }
         // The BPE splits these characters across byte tokens: some ids must have been held back.
-        assert!(held > 0, "{text:?}: no id was held back, the test proves nothing");
+        assert!(
+            held > 0,
+            "{text:?}: no id was held back, the test proves nothing"
+        );
     }
 }
 
@@ -255,7 +281,12 @@ fn streaming_random_ids_matches_decode() {
 #[test]
 fn finish_flushes_an_incomplete_character_as_decode_shows_it() {
     let tokenizer = fixture_tokenizer();
-    let ids = tokenizer.inner().encode("🚀", false).unwrap().get_ids().to_vec();
+    let ids = tokenizer
+        .inner()
+        .encode("🚀", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     assert!(ids.len() > 1, "🚀 should span several byte tokens: {ids:?}");
     let cut = &ids[..ids.len() - 1];
     let mut stream = tokenizer.stream();
@@ -273,9 +304,14 @@ fn chat_format_is_detected_from_template_or_architecture() {
     assert_eq!(fixture_tokenizer().chat_format(), ChatFormat::Glm4);
     let glm41v_template = "[gMASK]<sop>{%- for msg in messages %}...{%- endfor %}\n\
                            {% if add_generation_prompt %}<|assistant|>\n{% endif %}";
-    assert_eq!(ChatFormat::from_template(glm41v_template), Some(ChatFormat::Glm41V));
     assert_eq!(
-        ChatFormat::from_template("{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}"),
+        ChatFormat::from_template(glm41v_template),
+        Some(ChatFormat::Glm41V)
+    );
+    assert_eq!(
+        ChatFormat::from_template(
+            "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}"
+        ),
         None
     );
 
@@ -289,29 +325,51 @@ fn chat_format_is_detected_from_template_or_architecture() {
         let format = GlmTokenizer::from_dir(dir.path()).unwrap().chat_format();
         (dir, format)
     };
-    let vision_config = r#"{"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v"}"#;
+    let vision_config =
+        r#"{"architectures": ["Glm4vForConditionalGeneration"], "model_type": "glm4v"}"#;
     let text_config = r#"{"architectures": ["Glm4ForCausalLM"], "model_type": "glm4"}"#;
     assert_eq!(with_files(&[]).1, ChatFormat::Glm4);
-    assert_eq!(with_files(&[("config.json", vision_config)]).1, ChatFormat::Glm41V);
-    assert_eq!(with_files(&[("config.json", text_config)]).1, ChatFormat::Glm4);
     assert_eq!(
-        with_files(&[("chat_template.jinja", glm41v_template), ("config.json", text_config)]).1,
+        with_files(&[("config.json", vision_config)]).1,
         ChatFormat::Glm41V
     );
-    let fixture_template = std::fs::read_to_string(fixture_dir().join("chat_template.jinja")).unwrap();
     assert_eq!(
-        with_files(&[("chat_template.jinja", &fixture_template), ("config.json", vision_config)]).1,
+        with_files(&[("config.json", text_config)]).1,
+        ChatFormat::Glm4
+    );
+    assert_eq!(
+        with_files(&[
+            ("chat_template.jinja", glm41v_template),
+            ("config.json", text_config)
+        ])
+        .1,
+        ChatFormat::Glm41V
+    );
+    let fixture_template =
+        std::fs::read_to_string(fixture_dir().join("chat_template.jinja")).unwrap();
+    assert_eq!(
+        with_files(&[
+            ("chat_template.jinja", &fixture_template),
+            ("config.json", vision_config)
+        ])
+        .1,
         ChatFormat::Glm4
     );
     // Older transformers keep the template in tokenizer_config.json, as a string or as named templates.
     let as_string = serde_json::json!({ "chat_template": glm41v_template }).to_string();
-    assert_eq!(with_files(&[("tokenizer_config.json", &as_string)]).1, ChatFormat::Glm41V);
+    assert_eq!(
+        with_files(&[("tokenizer_config.json", &as_string)]).1,
+        ChatFormat::Glm41V
+    );
     let as_list = serde_json::json!({ "chat_template": [
         { "name": "tool_use", "template": "unrelated" },
         { "name": "default", "template": glm41v_template },
     ]})
     .to_string();
-    assert_eq!(with_files(&[("tokenizer_config.json", &as_list)]).1, ChatFormat::Glm41V);
+    assert_eq!(
+        with_files(&[("tokenizer_config.json", &as_list)]).1,
+        ChatFormat::Glm41V
+    );
 }
 
 #[test]
@@ -320,14 +378,27 @@ fn missing_or_corrupt_files_are_named_in_the_error() {
     let err = GlmTokenizer::from_dir(dir.path()).unwrap_err();
     assert!(matches!(err, TokenizerError::MissingFile { .. }), "{err:?}");
     let message = err.to_string();
-    assert!(message.contains("tokenizer.json") && message.contains(&dir.path().display().to_string()));
+    assert!(
+        message.contains("tokenizer.json") && message.contains(&dir.path().display().to_string())
+    );
 
-    std::fs::write(dir.path().join("tokenizer.json"), "{\"version\": \"1.0\", \"model\": 3").unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": 3",
+    )
+    .unwrap();
     let err = GlmTokenizer::from_dir(dir.path()).unwrap_err();
-    assert!(matches!(err, TokenizerError::CorruptTokenizer { .. }), "{err:?}");
+    assert!(
+        matches!(err, TokenizerError::CorruptTokenizer { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("tokenizer.json"));
 
-    std::fs::copy(fixture_dir().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        fixture_dir().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("config.json"), "{not json").unwrap();
     let err = GlmTokenizer::from_dir(dir.path()).unwrap_err();
     assert!(matches!(err, TokenizerError::CorruptJson { .. }), "{err:?}");
@@ -360,8 +431,12 @@ fn empty_prompts_are_refused() {
     assert!(empty(tokenizer.encode_raw("")));
     assert!(empty(tokenizer.encode_raw("\n")));
     assert!(empty(tokenizer.encode_chat(&[])));
-    assert!(empty(tokenizer.encode_chat(&[ChatMessage::system("only a system prompt")])));
-    assert!(empty(tokenizer.encode_chat(&[ChatMessage::assistant("no user")])));
+    assert!(empty(
+        tokenizer.encode_chat(&[ChatMessage::system("only a system prompt")])
+    ));
+    assert!(empty(
+        tokenizer.encode_chat(&[ChatMessage::assistant("no user")])
+    ));
     assert!(tokenizer
         .encode_raw("")
         .unwrap_err()

@@ -49,6 +49,14 @@ fn bench(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("dequantize", "1_thread"), |b| {
         b.iter(|| one.install(|| q.dequantize_f16()))
     });
+    // Into a reused buffer: no page faults of fresh memory.
+    let mut out = vec![f16::ZERO; w.len()];
+    group.bench_function(BenchmarkId::new("dequantize_into", format!("{all}_threads")), |b| {
+        b.iter(|| q.dequantize_f16_into(&mut out).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("dequantize_into", "1_thread"), |b| {
+        b.iter(|| one.install(|| q.dequantize_f16_into(&mut out).unwrap()))
+    });
     group.finish();
 }
 

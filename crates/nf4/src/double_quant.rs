@@ -218,11 +218,13 @@ mod tests {
     }
 
     #[test]
-    fn lut_maps_the_ends_and_zero() {
+    fn lut_maps_the_ends_and_snaps_zero_to_the_grid() {
         let lut = dynamic_lut();
         assert_eq!(lut[lut_index(-1.0)], 0);
         assert_eq!(lut[lut_index(1.0)], 255);
-        assert_eq!(dynamic_map_signed()[lut[lut_index(0.0)] as usize], 0.0);
+        // 0.0 snaps to grid point 32768 (2 * 32768 / 65535 - 1 = 1.5e-5), not to the map's 0.0.
+        let zero = dynamic_map_signed()[lut[lut_index(0.0)] as usize];
+        assert!(zero > 0.0 && zero < 2.0 / 65535.0, "{zero}");
     }
 
     #[test]

@@ -234,7 +234,7 @@ impl Nf4Tensor {
         let blocks_per_task = (TASK_ELEMENTS / bs).max(1);
         let mut packed = vec![0u8; numel.div_ceil(2)];
         let mut absmax = vec![0.0f32; numel.div_ceil(bs)];
-        let all_finite = packed
+        let all_finite: Result<(), NonFiniteBlock> = packed
             .par_chunks_mut(blocks_per_task * bs / 2)
             .zip(data.par_chunks(blocks_per_task * bs))
             .zip(absmax.par_chunks_mut(blocks_per_task))
@@ -283,25 +283,59 @@ impl Nf4Tensor {
 
     /// Dequantize to f32 (bitsandbytes' `dequantize_4bit` with dtype float32).
     pub fn dequantize_f32(&self) -> Vec<f32> {
-        self.dequantize()
+        self.dequantize_vec()
     }
 
     /// Dequantize to f16: the f32 result rounded to nearest even, as bitsandbytes does.
     pub fn dequantize_f16(&self) -> Vec<f16> {
-        self.dequantize()
+        self.dequantize_vec()
     }
 
     /// Dequantize to bf16: the f32 result rounded to nearest even, as bitsandbytes does.
     pub fn dequantize_bf16(&self) -> Vec<bf16> {
-        self.dequantize()
+        self.dequantize_vec()
     }
 
-    fn dequantize<T: Element>(&self) -> Vec<T> {
+    /// [`Self::dequantize_f32`] into a caller's buffer of `numel()` values (reusing a buffer saves
+    /// the page faults of fresh memory, most of the cost of a fresh output).
+    pub fn dequantize_f32_into(&self, out: &mut [f32]) -> Result<(), Nf4Error> {
+        self.dequantize_into(out)
+    }
+
+    /// [`Self::dequantize_f16`] into a caller's buffer of `numel()` values.
+    pub fn dequantize_f16_into(&self, out: &mut [f16]) -> Result<(), Nf4Error> {
+        self.dequantize_into(out)
+    }
+
+    /// [`Self::dequantize_bf16`] into a caller's buffer of `numel()` values.
+    pub fn dequantize_bf16_into(&self, out: &mut [bf16]) -> Result<(), Nf4Error> {
+        self.dequantize_into(out)
+    }
+
+    fn dequantize_vec<T: Element>(&self) -> Vec<T> {
+        let mut out = vec![T::ZERO; self.numel()];
+        self.fill(&mut out);
+        out
+    }
+
+    fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<(), Nf4Error> {
+        if out.len() != self.numel() {
+            return Err(Nf4Error::ShapeMismatch {
+                shape: self.shape.clone(),
+                expected: self.numel(),
+                got: out.len(),
+            });
+        }
+        self.fill(out);
+        Ok(())
+    }
+
+    /// Dequantize into `out`, which holds exactly `numel()` values.
+    fn fill<T: Element>(&self, out: &mut [T]) {
         let absmax = self.absmax_f32();
         let codebook = self.quant_type.codebook();
         let bs = self.blocksize;
         let blocks_per_task = (TASK_ELEMENTS / bs).max(1);
-        let mut out = vec![T::ZERO; self.numel()];
         out.par_chunks_mut(blocks_per_task * bs)
             .zip(self.packed.par_chunks(blocks_per_task * bs / 2))
             .zip(absmax.par_chunks(blocks_per_task))
@@ -321,7 +355,6 @@ impl Nf4Tensor {
                     }
                 }
             });
-        out
     }
 
     /// The first-level absmax of every block as f32 (decoded when double-quantized).
@@ -406,7 +439,8 @@ impl Nf4Tensor {
 /// Per-task buffers for one block, reused across the task's blocks.
 struct BlockScratch {
     values: [f32; MAX_BLOCKSIZE],
-    ranks: [u8; MAX_BLOCKSIZE],
+    // 32-bit ranks: compare masks add up in place, with no narrowing per threshold.
+    ranks: [u32; MAX_BLOCKSIZE],
 }
 
 /// A block held a NaN or an infinity.
@@ -439,7 +473,8 @@ impl BlockScratch {
         let values = &mut self.values[..padded];
         values[n..].fill(0.0);
         T::to_f32_slice(block, &mut values[..n]);
-        if !values.iter().all(|v| v.is_finite()) {
+        // A fold rather than `all`: no early exit, so it vectorizes.
+        if !values.iter().fold(true, |ok, v| ok & v.is_finite()) {
             return Err(NonFiniteBlock);
         }
         let absmax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -462,7 +497,7 @@ impl BlockScratch {
         ranks.fill(0);
         for &t in quant_type.thresholds() {
             for (r, &v) in ranks.iter_mut().zip(values.iter()) {
-                *r += u8::from(v > t);
+                *r += u32::from(v > t);
             }
         }
         let code_by_rank = quant_type.code_by_rank();

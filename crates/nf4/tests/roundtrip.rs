@@ -155,3 +155,20 @@ fn all_zero_blocks_dequantize_to_zero() {
         assert!(q.dequantize_f32().iter().all(|&v| v == 0.0));
     }
 }
+
+#[test]
+fn dequantize_into_matches_and_checks_the_length() {
+    let x: Vec<f32> = (0..333).map(|i| (i as f32 * 0.37).sin()).collect();
+    let q = Nf4Tensor::quantize_f32(&x, &[3, 111], &QuantOptions::default()).unwrap();
+    let mut out = vec![0.0f32; 333];
+    q.dequantize_f32_into(&mut out).unwrap();
+    assert_eq!(out, q.dequantize_f32());
+    let mut halves = vec![f16::ZERO; 333];
+    q.dequantize_f16_into(&mut halves).unwrap();
+    assert_eq!(halves, q.dequantize_f16());
+    let mut brains = vec![bf16::ZERO; 333];
+    q.dequantize_bf16_into(&mut brains).unwrap();
+    assert_eq!(brains, q.dequantize_bf16());
+    let err = q.dequantize_f32_into(&mut [0.0; 332]).unwrap_err();
+    assert!(err.to_string().contains("333 elements but 332"), "{err}");
+}
