@@ -282,7 +282,7 @@ pub(crate) struct WeightLoader<'a> {
     checkpoint: &'a Checkpoint,
     config: &'a Config,
     options: &'a LoadOptions,
-    /// `model.` or `model.language_model.` (unused for ChatGLM).
+    /// `model.`, or `model.language_model.` for GLM-4.1V (unused for ChatGLM).
     prefix: &'static str,
     /// Names read so far, to report what the checkpoint holds beyond the decoder.
     used: RefCell<HashSet<String>>,
@@ -301,6 +301,13 @@ impl<'a> WeightLoader<'a> {
             )));
         }
         let prefix = match config.architecture {
+            // Checkpoints saved before transformers' VLM refactor keep the text decoder at `model.*`.
+            Architecture::Glm4v
+                if !checkpoint.contains("model.language_model.embed_tokens.weight")
+                    && checkpoint.contains("model.embed_tokens.weight") =>
+            {
+                "model."
+            }
             Architecture::Glm4v => "model.language_model.",
             _ => "model.",
         };
@@ -614,7 +621,7 @@ impl<'a> WeightLoader<'a> {
             if used.contains(name) || name == "transformer.rotary_pos_emb.inv_freq" {
                 continue;
             }
-            if name.starts_with("model.visual.") {
+            if name.starts_with("model.visual.") || name.starts_with("visual.") {
                 vision += 1;
             } else {
                 other.push(name);

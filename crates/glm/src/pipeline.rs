@@ -147,7 +147,9 @@ impl Glm {
         let load = LoadOptions {
             dtype: options.dtype,
             device: options.device.clone(),
-            quantize: (plan.choice == Precision::Nf4).then_some(options.nf4),
+            // A pre-quantized checkpoint is read as stored; a dense one is quantized at load.
+            quantize: (plan.choice == Precision::Nf4 && config.quantization.is_none())
+                .then_some(options.nf4),
         };
         let model = Model::load(dir, &load)?;
         Ok(Self {

@@ -217,6 +217,29 @@ fn vision_weights_are_reported_once() {
 }
 
 #[test]
+fn glm4v_legacy_names_load_too() {
+    // GLM-4.1V checkpoints written before transformers' VLM refactor: `model.layers.*`, `visual.*`.
+    let src = fixture("glm4v");
+    let t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(name, tensor)| {
+            let name = name
+                .replace("model.language_model.", "model.")
+                .replace("model.visual.", "visual.");
+            (name, tensor)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let model = Model::load(dir.path(), &LoadOptions::default()).unwrap();
+    let r = reference("glm4v");
+    check_logits(&model, &r, F32_TOLERANCE * r.scale, "glm4v legacy names");
+    assert_eq!(model.load_notes().len(), 1, "{:?}", model.load_notes());
+}
+
+#[test]
 fn prefill_then_decode_equals_full_recompute() {
     for name in ["glm", "glm4", "chatglm"] {
         let model = load(name, LoadOptions::default());
@@ -407,13 +430,25 @@ fn chatglm_as_glm_layout() -> tempfile::TempDir {
         "model.norm.weight".into(),
         t["transformer.encoder.final_layernorm.weight"].clone(),
     );
-    out.insert("lm_head.weight".into(), t["transformer.output_layer.weight"].clone());
-    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    out.insert(
+        "lm_head.weight".into(),
+        t["transformer.output_layer.weight"].clone(),
+    );
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
     for i in 0..c.num_hidden_layers {
-        let (s, d) = (format!("transformer.encoder.layers.{i}."), format!("model.layers.{i}."));
+        let (s, d) = (
+            format!("transformer.encoder.layers.{i}."),
+            format!("model.layers.{i}."),
+        );
         for (from, to) in [
             ("input_layernorm.weight", "input_layernorm.weight"),
-            ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+            (
+                "post_attention_layernorm.weight",
+                "post_attention_layernorm.weight",
+            ),
             ("self_attention.dense.weight", "self_attn.o_proj.weight"),
             ("mlp.dense_h_to_4h.weight", "mlp.gate_up_proj.weight"),
             ("mlp.dense_4h_to_h.weight", "mlp.down_proj.weight"),
