@@ -32,28 +32,36 @@ fn bench(c: &mut Criterion) {
     let opts = QuantOptions::default();
     let q = Nf4Tensor::quantize_f16(&w, &[ROWS, COLS], &opts).unwrap();
     let all = rayon::current_num_threads();
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
 
     let mut group = c.benchmark_group("nf4_f16_4096x4096");
-    group.throughput(Throughput::Bytes((w.len() * std::mem::size_of::<f16>()) as u64));
+    group.throughput(Throughput::Bytes(
+        (w.len() * std::mem::size_of::<f16>()) as u64,
+    ));
     group.sample_size(10);
-    group.bench_function(BenchmarkId::new("quantize", format!("{all}_threads")), |b| {
-        b.iter(|| Nf4Tensor::quantize_f16(&w, &[ROWS, COLS], &opts).unwrap())
-    });
+    group.bench_function(
+        BenchmarkId::new("quantize", format!("{all}_threads")),
+        |b| b.iter(|| Nf4Tensor::quantize_f16(&w, &[ROWS, COLS], &opts).unwrap()),
+    );
     group.bench_function(BenchmarkId::new("quantize", "1_thread"), |b| {
         b.iter(|| one.install(|| Nf4Tensor::quantize_f16(&w, &[ROWS, COLS], &opts).unwrap()))
     });
-    group.bench_function(BenchmarkId::new("dequantize", format!("{all}_threads")), |b| {
-        b.iter(|| q.dequantize_f16())
-    });
+    group.bench_function(
+        BenchmarkId::new("dequantize", format!("{all}_threads")),
+        |b| b.iter(|| q.dequantize_f16()),
+    );
     group.bench_function(BenchmarkId::new("dequantize", "1_thread"), |b| {
         b.iter(|| one.install(|| q.dequantize_f16()))
     });
     // Into a reused buffer: no page faults of fresh memory.
     let mut out = vec![f16::ZERO; w.len()];
-    group.bench_function(BenchmarkId::new("dequantize_into", format!("{all}_threads")), |b| {
-        b.iter(|| q.dequantize_f16_into(&mut out).unwrap())
-    });
+    group.bench_function(
+        BenchmarkId::new("dequantize_into", format!("{all}_threads")),
+        |b| b.iter(|| q.dequantize_f16_into(&mut out).unwrap()),
+    );
     group.bench_function(BenchmarkId::new("dequantize_into", "1_thread"), |b| {
         b.iter(|| one.install(|| q.dequantize_f16_into(&mut out).unwrap()))
     });

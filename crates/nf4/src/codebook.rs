@@ -69,7 +69,8 @@ const fn thresholds(codebook: &[f32; 16], code_by_rank: &[u8; 16]) -> [f32; 15] 
     let mut out = [0.0f32; 15];
     let mut i = 0;
     while i < 15 {
-        out[i] = (codebook[code_by_rank[i] as usize] + codebook[code_by_rank[i + 1] as usize]) / 2.0;
+        out[i] =
+            (codebook[code_by_rank[i] as usize] + codebook[code_by_rank[i + 1] as usize]) / 2.0;
         i += 1;
     }
     out
@@ -193,7 +194,10 @@ mod tests {
             let (codebook, ranks) = qt.ranked();
             let mut seen = [false; 16];
             for w in ranks.windows(2) {
-                assert!(codebook[w[0] as usize] <= codebook[w[1] as usize], "{qt}: {w:?}");
+                assert!(
+                    codebook[w[0] as usize] <= codebook[w[1] as usize],
+                    "{qt}: {w:?}"
+                );
             }
             for &r in ranks {
                 seen[r as usize] = true;

@@ -57,7 +57,10 @@ impl QuantizationConfig {
         let extra = BTreeMap::from([
             ("_load_in_4bit".to_string(), Value::Bool(true)),
             ("_load_in_8bit".to_string(), Value::Bool(false)),
-            ("llm_int8_enable_fp32_cpu_offload".to_string(), Value::Bool(false)),
+            (
+                "llm_int8_enable_fp32_cpu_offload".to_string(),
+                Value::Bool(false),
+            ),
             ("llm_int8_has_fp16_weight".to_string(), Value::Bool(false)),
             ("llm_int8_threshold".to_string(), Value::from(6.0)),
         ]);
@@ -134,11 +137,26 @@ impl QuantizationConfig {
             ("quant_method", Value::from(self.quant_method.clone())),
             ("load_in_4bit", Value::from(self.load_in_4bit)),
             ("load_in_8bit", Value::from(self.load_in_8bit)),
-            ("bnb_4bit_quant_type", Value::from(self.bnb_4bit_quant_type.as_str())),
-            ("bnb_4bit_use_double_quant", Value::from(self.bnb_4bit_use_double_quant)),
-            ("bnb_4bit_compute_dtype", Value::from(self.bnb_4bit_compute_dtype.as_str())),
-            ("bnb_4bit_quant_storage", Value::from(self.bnb_4bit_quant_storage.clone())),
-            ("llm_int8_skip_modules", Value::from(self.llm_int8_skip_modules.clone())),
+            (
+                "bnb_4bit_quant_type",
+                Value::from(self.bnb_4bit_quant_type.as_str()),
+            ),
+            (
+                "bnb_4bit_use_double_quant",
+                Value::from(self.bnb_4bit_use_double_quant),
+            ),
+            (
+                "bnb_4bit_compute_dtype",
+                Value::from(self.bnb_4bit_compute_dtype.as_str()),
+            ),
+            (
+                "bnb_4bit_quant_storage",
+                Value::from(self.bnb_4bit_quant_storage.clone()),
+            ),
+            (
+                "llm_int8_skip_modules",
+                Value::from(self.llm_int8_skip_modules.clone()),
+            ),
         ];
         for (key, value) in named {
             map.insert(key.to_string(), value);

@@ -37,7 +37,9 @@ fn torch_sum(values: &[f32]) -> f32 {
         v
     });
     // The scalar tail is summed first, then the lanes are added to it one by one.
-    let mut acc = values[vectors * TORCH_SUM_LANES..].iter().fold(0.0f32, |a, &v| a + v);
+    let mut acc = values[vectors * TORCH_SUM_LANES..]
+        .iter()
+        .fold(0.0f32, |a, &v| a + v);
     for lane in lanes {
         acc += lane;
     }
@@ -211,7 +213,16 @@ mod tests {
 
     #[test]
     fn ceil_log2_matches_c10() {
-        let expect = [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (16, 4), (17, 5), (1024, 10)];
+        let expect = [
+            (1, 1),
+            (2, 1),
+            (3, 2),
+            (4, 2),
+            (5, 3),
+            (16, 4),
+            (17, 5),
+            (1024, 10),
+        ];
         for (x, want) in expect {
             assert_eq!(ceil_log2(x), want, "CeilLog2({x})");
         }
@@ -232,7 +243,13 @@ mod tests {
         let q = quantize_absmax(&[0.5; 300]);
         assert_eq!(q.offset, 0.5);
         assert!(q.nested_absmax.iter().all(|&s| s == 0.0));
-        let back = dequantize_absmax(&q.codes, &q.nested_absmax, 256, &dynamic_map_signed(), q.offset);
+        let back = dequantize_absmax(
+            &q.codes,
+            &q.nested_absmax,
+            256,
+            &dynamic_map_signed(),
+            q.offset,
+        );
         assert!(back.iter().all(|&a| a == 0.5));
     }
 }

@@ -5,7 +5,9 @@ use safetensors::Dtype;
 /// Everything that can go wrong quantizing, dequantizing, reading or writing NF4/FP4 tensors.
 #[derive(Debug, thiserror::Error)]
 pub enum Nf4Error {
-    #[error("blocksize {0} is not supported: use a power of two from 32 to 4096, as bitsandbytes does")]
+    #[error(
+        "blocksize {0} is not supported: use a power of two from 32 to 4096, as bitsandbytes does"
+    )]
     BadBlocksize(usize),
 
     #[error("shape {shape:?} holds {expected} elements but {got} values were given")]
@@ -36,7 +38,9 @@ pub enum Nf4Error {
     #[error("unknown float dtype `{0}`: expected \"float32\", \"float16\" or \"bfloat16\"")]
     UnknownDtype(String),
 
-    #[error("tensor `{key}` is missing: the 4-bit weight `{weight}` needs it (incomplete checkpoint?)")]
+    #[error(
+        "tensor `{key}` is missing: the 4-bit weight `{weight}` needs it (incomplete checkpoint?)"
+    )]
     MissingTensor { key: String, weight: String },
 
     #[error("tensor `{key}` has dtype {found:?}, expected {expected}")]

@@ -35,8 +35,8 @@ pub use error::Nf4Error;
 pub use size::{packed_bytes, QuantizedSize};
 pub use state::{is_quantized, quantized_weight_names, save_file, StoredTensor};
 pub use tensor::{
-    check_blocksize, AbsmaxState, DoubleQuantAbsmax, FloatDtype, Nf4Tensor, QuantOptions, MAX_BLOCKSIZE,
-    MIN_BLOCKSIZE,
+    check_blocksize, AbsmaxState, DoubleQuantAbsmax, FloatDtype, Nf4Tensor, QuantOptions,
+    MAX_BLOCKSIZE, MIN_BLOCKSIZE,
 };
 
 /// Re-exported so callers can build the views [`Nf4Tensor::read`] takes.

@@ -27,7 +27,11 @@ impl QuantizedSize {
         let f32_bytes = std::mem::size_of::<f32>();
         let blocks = numel.div_ceil(opts.blocksize);
         let (absmax, nested_absmax, nested_code_map) = if opts.double_quant {
-            (blocks, blocks.div_ceil(NESTED_BLOCKSIZE) * f32_bytes, 256 * f32_bytes)
+            (
+                blocks,
+                blocks.div_ceil(NESTED_BLOCKSIZE) * f32_bytes,
+                256 * f32_bytes,
+            )
         } else {
             (blocks * f32_bytes, 0, 0)
         };
@@ -71,6 +75,9 @@ mod tests {
             blocksize: 48,
             ..QuantOptions::default()
         };
-        assert!(matches!(packed_bytes(100, &opts), Err(Nf4Error::BadBlocksize(48))));
+        assert!(matches!(
+            packed_bytes(100, &opts),
+            Err(Nf4Error::BadBlocksize(48))
+        ));
     }
 }

@@ -92,7 +92,8 @@ fn quant_state_key(name: &str, quant_type: QuantType) -> String {
 /// Whether `name` is stored as a bitsandbytes 4-bit weight among `keys` (it has a quant state).
 pub fn is_quantized<K: AsRef<str>>(name: &str, keys: impl IntoIterator<Item = K>) -> bool {
     let wanted = QUANT_TYPES.map(|qt| quant_state_key(name, qt));
-    keys.into_iter().any(|k| wanted.iter().any(|w| w == k.as_ref()))
+    keys.into_iter()
+        .any(|k| wanted.iter().any(|w| w == k.as_ref()))
 }
 
 /// Names of all 4-bit weights among `keys`, sorted.
@@ -152,7 +153,12 @@ impl<'data, F: FnMut(&str) -> Option<TensorView<'data>>> StateReader<'_, F> {
     }
 
     /// An F32 tensor of exactly `len` values.
-    fn f32s(&mut self, suffix: &str, len: usize, why: impl FnOnce() -> String) -> Result<Vec<f32>, Nf4Error> {
+    fn f32s(
+        &mut self,
+        suffix: &str,
+        len: usize,
+        why: impl FnOnce() -> String,
+    ) -> Result<Vec<f32>, Nf4Error> {
         let (key, view) = self.get(suffix)?;
         if view.dtype() != Dtype::F32 {
             return Err(Nf4Error::WrongDtype {
@@ -166,7 +172,12 @@ impl<'data, F: FnMut(&str) -> Option<TensorView<'data>>> StateReader<'_, F> {
     }
 }
 
-fn check_len(key: &str, found: usize, expected: usize, why: impl FnOnce() -> String) -> Result<(), Nf4Error> {
+fn check_len(
+    key: &str,
+    found: usize,
+    expected: usize,
+    why: impl FnOnce() -> String,
+) -> Result<(), Nf4Error> {
     if found == expected {
         Ok(())
     } else {
@@ -216,14 +227,20 @@ impl Nf4Tensor {
         };
         let json: QuantStateJson = serde_json::from_slice(state_view.data())
             .map_err(|e| bad_state(format!("not the JSON bitsandbytes writes: {e}")))?;
-        let quant_type: QuantType = json.quant_type.parse().map_err(|e: Nf4Error| bad_state(e.to_string()))?;
+        let quant_type: QuantType = json
+            .quant_type
+            .parse()
+            .map_err(|e: Nf4Error| bad_state(e.to_string()))?;
         if quant_type != key_type {
             return Err(bad_state(format!(
                 "says quant_type \"{quant_type}\" but is stored under the {key_type} key"
             )));
         }
         check_blocksize(json.blocksize).map_err(|e| bad_state(e.to_string()))?;
-        let dtype: FloatDtype = json.dtype.parse().map_err(|e: Nf4Error| bad_state(e.to_string()))?;
+        let dtype: FloatDtype = json
+            .dtype
+            .parse()
+            .map_err(|e: Nf4Error| bad_state(e.to_string()))?;
         let shape = json.shape.ok_or_else(|| bad_state("has no shape".into()))?;
         let numel: usize = shape.iter().product();
         if numel == 0 {
@@ -241,13 +258,18 @@ impl Nf4Tensor {
         let mut reader = StateReader { name, lookup };
         let (packed_key, packed_view) = reader.get("")?;
         // Any storage dtype (bnb_4bit_quant_storage) is a view of the same packed bytes.
-        check_len(&packed_key, packed_view.data().len(), numel.div_ceil(2), || {
-            format!(
+        check_len(
+            &packed_key,
+            packed_view.data().len(),
+            numel.div_ceil(2),
+            || {
+                format!(
                 "{numel} elements (shape {shape:?}) pack into {} bytes; the tensor is truncated or \
                  the quant state's shape is wrong",
                 numel.div_ceil(2)
             )
-        })?;
+            },
+        )?;
         let packed = packed_view.data().to_vec();
         // bitsandbytes decodes by quant_type, not by this map; it must still be there and well-formed.
         reader.f32s(".quant_map", 16, || "a 4-bit code map has 16 values".into())?;
@@ -285,7 +307,9 @@ impl Nf4Tensor {
                 let nested_absmax = reader.f32s(".nested_absmax", nested_blocks, || {
                     format!("{blocks} absmax codes in nested blocks of {nested_blocksize} need {nested_blocks} scales")
                 })?;
-                let nested_map = reader.f32s(".nested_quant_map", 256, || "an 8-bit code map has 256 values".into())?;
+                let nested_map = reader.f32s(".nested_quant_map", 256, || {
+                    "an 8-bit code map has 256 values".into()
+                })?;
                 AbsmaxState::DoubleQuant(DoubleQuantAbsmax {
                     codes: codes_view.data().to_vec(),
                     nested_absmax,
@@ -318,14 +342,22 @@ impl Nf4Tensor {
             StoredTensor::u8(vec![self.packed.len(), 1], self.packed.clone()),
         )];
         match &self.absmax {
-            AbsmaxState::Plain(absmax) => out.push((format!("{name}.absmax"), StoredTensor::f32(absmax))),
+            AbsmaxState::Plain(absmax) => {
+                out.push((format!("{name}.absmax"), StoredTensor::f32(absmax)))
+            }
             AbsmaxState::DoubleQuant(dq) => {
                 out.push((
                     format!("{name}.absmax"),
                     StoredTensor::u8(vec![dq.codes.len()], dq.codes.clone()),
                 ));
-                out.push((format!("{name}.nested_absmax"), StoredTensor::f32(&dq.nested_absmax)));
-                out.push((format!("{name}.nested_quant_map"), StoredTensor::f32(&dq.nested_map)));
+                out.push((
+                    format!("{name}.nested_absmax"),
+                    StoredTensor::f32(&dq.nested_absmax),
+                ));
+                out.push((
+                    format!("{name}.nested_quant_map"),
+                    StoredTensor::f32(&dq.nested_map),
+                ));
             }
         }
         out.push((
@@ -373,7 +405,11 @@ fn python_float_repr(value: f64) -> String {
     let sign = if value.is_sign_negative() { "-" } else { "" };
     let body = if point <= -4 || point > 16 {
         let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let exp_sign = if exp < 0 { '-' } else { '+' };
         format!("{first}{frac}e{exp_sign}{:02}", exp.abs())
     } else if point <= 0 {

@@ -203,21 +203,37 @@ impl Element for bf16 {
 
 impl Nf4Tensor {
     /// Quantize f32 values of the given shape (row-major) as bitsandbytes' `quantize_4bit` does.
-    pub fn quantize_f32(data: &[f32], shape: &[usize], opts: &QuantOptions) -> Result<Self, Nf4Error> {
+    pub fn quantize_f32(
+        data: &[f32],
+        shape: &[usize],
+        opts: &QuantOptions,
+    ) -> Result<Self, Nf4Error> {
         Self::quantize(data, shape, opts)
     }
 
     /// Quantize f16 values; they quantize as their exact f32 values.
-    pub fn quantize_f16(data: &[f16], shape: &[usize], opts: &QuantOptions) -> Result<Self, Nf4Error> {
+    pub fn quantize_f16(
+        data: &[f16],
+        shape: &[usize],
+        opts: &QuantOptions,
+    ) -> Result<Self, Nf4Error> {
         Self::quantize(data, shape, opts)
     }
 
     /// Quantize bf16 values; they quantize as their exact f32 values.
-    pub fn quantize_bf16(data: &[bf16], shape: &[usize], opts: &QuantOptions) -> Result<Self, Nf4Error> {
+    pub fn quantize_bf16(
+        data: &[bf16],
+        shape: &[usize],
+        opts: &QuantOptions,
+    ) -> Result<Self, Nf4Error> {
         Self::quantize(data, shape, opts)
     }
 
-    fn quantize<T: Element>(data: &[T], shape: &[usize], opts: &QuantOptions) -> Result<Self, Nf4Error> {
+    fn quantize<T: Element>(
+        data: &[T],
+        shape: &[usize],
+        opts: &QuantOptions,
+    ) -> Result<Self, Nf4Error> {
         check_blocksize(opts.blocksize)?;
         let numel: usize = shape.iter().product();
         if numel == 0 {
@@ -240,7 +256,9 @@ impl Nf4Tensor {
             .zip(absmax.par_chunks_mut(blocks_per_task))
             .try_for_each(|((packed, data), absmax)| {
                 let mut scratch = BlockScratch::new();
-                for ((packed, block), absmax) in packed.chunks_mut(bs / 2).zip(data.chunks(bs)).zip(absmax) {
+                for ((packed, block), absmax) in
+                    packed.chunks_mut(bs / 2).zip(data.chunks(bs)).zip(absmax)
+                {
                     *absmax = scratch.quantize(block, bs, opts.quant_type, packed)?;
                 }
                 Ok(())
@@ -249,7 +267,10 @@ impl Nf4Tensor {
             // Report the first bad element whichever task stopped first.
             let mut values = vec![0.0f32; numel];
             T::to_f32_slice(data, &mut values);
-            let index = values.iter().position(|v| !v.is_finite()).unwrap_or_default();
+            let index = values
+                .iter()
+                .position(|v| !v.is_finite())
+                .unwrap_or_default();
             return Err(Nf4Error::NonFinite {
                 index,
                 value: values[index],
@@ -340,7 +361,9 @@ impl Nf4Tensor {
             .zip(self.packed.par_chunks(blocks_per_task * bs / 2))
             .zip(absmax.par_chunks(blocks_per_task))
             .for_each(|((out, packed), absmax)| {
-                for ((out, packed), &scale) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).zip(absmax) {
+                for ((out, packed), &scale) in
+                    out.chunks_mut(bs).zip(packed.chunks(bs / 2)).zip(absmax)
+                {
                     // Each element is round(codebook[code] * scale): a function of the code alone
                     // within a block, so convert the 16 products once and look them up.
                     let mut table = [T::ZERO; 16];
@@ -492,17 +515,25 @@ impl BlockScratch {
             floor
         };
 
-        // rank = number of thresholds strictly below the value; one pass per threshold vectorizes.
+        // rank = number of thresholds strictly below the value. Thresholds in the inner loop (unrolled),
+        // elements in the outer one (vectorized).
+        let thresholds = quant_type.thresholds();
         let ranks = &mut self.ranks[..padded];
-        ranks.fill(0);
-        for &t in quant_type.thresholds() {
-            for (r, &v) in ranks.iter_mut().zip(values.iter()) {
-                *r += u32::from(v > t);
-            }
+        for (r, &v) in ranks.iter_mut().zip(values.iter()) {
+            *r = thresholds.iter().map(|&t| u32::from(v > t)).sum();
         }
-        let code_by_rank = quant_type.code_by_rank();
-        for (byte, pair) in packed.iter_mut().zip(ranks.chunks_exact(2)) {
-            *byte = (code_by_rank[pair[0] as usize] << 4) | code_by_rank[pair[1] as usize];
+        let pairs = packed.iter_mut().zip(ranks.chunks_exact(2));
+        match quant_type {
+            // NF4's codes are its ranks.
+            QuantType::Nf4 => {
+                pairs.for_each(|(byte, pair)| *byte = ((pair[0] << 4) | pair[1]) as u8)
+            }
+            QuantType::Fp4 => {
+                let code_by_rank = quant_type.code_by_rank();
+                pairs.for_each(|(byte, pair)| {
+                    *byte = (code_by_rank[pair[0] as usize] << 4) | code_by_rank[pair[1] as usize]
+                })
+            }
         }
         Ok(stored)
     }

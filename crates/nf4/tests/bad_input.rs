@@ -3,12 +3,17 @@
 use std::collections::BTreeMap;
 
 use half::f16;
-use nf4::{Dtype, Nf4Error, Nf4Tensor, QuantOptions, QuantType, QuantizationConfig, StoredTensor, TensorView};
+use nf4::{
+    Dtype, Nf4Error, Nf4Tensor, QuantOptions, QuantType, QuantizationConfig, StoredTensor,
+    TensorView,
+};
 
 const NAME: &str = "model.layers.0.mlp.down_proj.weight";
 
 fn stored_state(opts: &QuantOptions) -> BTreeMap<String, StoredTensor> {
-    let data: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let data: Vec<f32> = (0..1000)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     Nf4Tensor::quantize_f32(&data, &[10, 100], opts)
         .unwrap()
         .to_safetensors_tensors(NAME)
@@ -18,9 +23,9 @@ fn stored_state(opts: &QuantOptions) -> BTreeMap<String, StoredTensor> {
 
 fn read(state: &BTreeMap<String, StoredTensor>) -> Result<Option<Nf4Tensor>, Nf4Error> {
     Nf4Tensor::read(NAME, |key| {
-        state
-            .get(key)
-            .map(|t| TensorView::new(t.dtype, t.shape.clone(), &t.data).expect("consistent test tensor"))
+        state.get(key).map(|t| {
+            TensorView::new(t.dtype, t.shape.clone(), &t.data).expect("consistent test tensor")
+        })
     })
 }
 
@@ -66,7 +71,10 @@ fn truncated_packed_codes() {
     w.data.pop();
     w.shape = vec![w.data.len(), 1];
     let msg = message(read(&state));
-    assert!(msg.contains(NAME) && msg.contains("499") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains(NAME) && msg.contains("499") && msg.contains("truncated"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -76,7 +84,10 @@ fn truncated_absmax_and_nested_absmax() {
     a.data.truncate(10);
     a.shape = vec![10];
     let msg = message(read(&state));
-    assert!(msg.contains(".absmax") && msg.contains("16 blocks"), "{msg}");
+    assert!(
+        msg.contains(".absmax") && msg.contains("16 blocks"),
+        "{msg}"
+    );
 
     let mut state = stored_state(&QuantOptions::default());
     let n = state.get_mut(&format!("{NAME}.nested_absmax")).unwrap();
@@ -91,7 +102,10 @@ fn blocksize_that_does_not_match_the_data() {
     let mut state = stored_state(&QuantOptions::default());
     edit_json(&mut state, "\"blocksize\": 64", "\"blocksize\": 128");
     let msg = message(read(&state));
-    assert!(msg.contains("blocksize 128") && msg.contains("does not match"), "{msg}");
+    assert!(
+        msg.contains("blocksize 128") && msg.contains("does not match"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -107,7 +121,10 @@ fn quant_state_that_does_not_parse() {
     let mut state = stored_state(&QuantOptions::default());
     set_json(&mut state, "{\"quant_type\": \"nf4\", \"blocksize\": ");
     let msg = message(read(&state));
-    assert!(msg.contains("quant_state.bitsandbytes__nf4") && msg.contains("JSON"), "{msg}");
+    assert!(
+        msg.contains("quant_state.bitsandbytes__nf4") && msg.contains("JSON"),
+        "{msg}"
+    );
 
     let mut state = stored_state(&QuantOptions::default());
     set_json(&mut state, "\u{fffd}\u{fffd}");
@@ -122,7 +139,11 @@ fn quant_state_with_unknown_type_or_fields() {
     assert!(msg.contains("int4") && msg.contains("nf4"), "{msg}");
 
     let mut state = stored_state(&QuantOptions::default());
-    edit_json(&mut state, "\"dtype\": \"float32\"", "\"dtype\": \"float8\"");
+    edit_json(
+        &mut state,
+        "\"dtype\": \"float32\"",
+        "\"dtype\": \"float8\"",
+    );
     assert!(message(read(&state)).contains("float8"));
 
     let mut state = stored_state(&QuantOptions::default());
@@ -145,11 +166,20 @@ fn quant_state_with_unknown_type_or_fields() {
 
 #[test]
 fn missing_or_mistyped_tensors() {
-    for suffix in ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"] {
+    for suffix in [
+        "",
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+    ] {
         let mut state = stored_state(&QuantOptions::default());
         state.remove(&format!("{NAME}{suffix}"));
         let msg = message(read(&state));
-        assert!(msg.contains(&format!("`{NAME}{suffix}` is missing")), "{msg}");
+        assert!(
+            msg.contains(&format!("`{NAME}{suffix}` is missing")),
+            "{msg}"
+        );
     }
     let mut state = stored_state(&QuantOptions::default());
     let a = state.get_mut(&format!("{NAME}.absmax")).unwrap();
@@ -190,7 +220,10 @@ fn quantize_refuses_bad_input() {
     let mut with_nan = data.clone();
     with_nan[77] = f32::NAN;
     let err = Nf4Tensor::quantize_f32(&with_nan, &[256], &opts).unwrap_err();
-    assert!(matches!(err, Nf4Error::NonFinite { index: 77, .. }), "{err}");
+    assert!(
+        matches!(err, Nf4Error::NonFinite { index: 77, .. }),
+        "{err}"
+    );
     let halves = vec![f16::INFINITY; 64];
     assert!(matches!(
         Nf4Tensor::quantize_f16(&halves, &[64], &opts),
@@ -218,15 +251,27 @@ fn bad_quantization_configs() {
     let err = parse(r#"{"quantization_config": {"load_in_4bit": true}}"#).unwrap_err();
     assert!(err.to_string().contains("quant_method"), "{err}");
 
-    let gptq = parse(r#"{"quantization_config": {"quant_method": "gptq", "bits": 4}}"#).unwrap().unwrap();
-    assert!(gptq.quant_options().unwrap_err().to_string().contains("gptq"));
-    let int8 = parse(r#"{"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": true}}"#)
+    let gptq = parse(r#"{"quantization_config": {"quant_method": "gptq", "bits": 4}}"#)
         .unwrap()
         .unwrap();
-    assert!(int8.quant_options().unwrap_err().to_string().contains("load_in_4bit"));
-    let fp4 = parse(r#"{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true}}"#)
-        .unwrap()
-        .unwrap();
+    assert!(gptq
+        .quant_options()
+        .unwrap_err()
+        .to_string()
+        .contains("gptq"));
+    let int8 =
+        parse(r#"{"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": true}}"#)
+            .unwrap()
+            .unwrap();
+    assert!(int8
+        .quant_options()
+        .unwrap_err()
+        .to_string()
+        .contains("load_in_4bit"));
+    let fp4 =
+        parse(r#"{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true}}"#)
+            .unwrap()
+            .unwrap();
     // transformers' default quant type is fp4.
     assert_eq!(fp4.quant_options().unwrap().quant_type, QuantType::Fp4);
 

@@ -44,19 +44,39 @@ fn quantization_is_byte_identical_to_bitsandbytes() {
         let name = &case.name;
 
         let ours = quantize_input(case, &io);
-        assert_eq!(ours.packed(), tensor(&state, "weight").data(), "{name}: packed codes");
+        assert_eq!(
+            ours.packed(),
+            tensor(&state, "weight").data(),
+            "{name}: packed codes"
+        );
         match ours.absmax_state() {
             AbsmaxState::Plain(absmax) => {
                 assert!(!case.double_quant);
-                assert_eq!(bits(absmax), bits(&f32s(&tensor(&state, "weight.absmax"))), "{name}: absmax");
+                assert_eq!(
+                    bits(absmax),
+                    bits(&f32s(&tensor(&state, "weight.absmax"))),
+                    "{name}: absmax"
+                );
             }
             AbsmaxState::DoubleQuant(dq) => {
                 assert!(case.double_quant);
-                assert_eq!(dq.codes(), tensor(&state, "weight.absmax").data(), "{name}: absmax codes");
+                assert_eq!(
+                    dq.codes(),
+                    tensor(&state, "weight.absmax").data(),
+                    "{name}: absmax codes"
+                );
                 let nested = f32s(&tensor(&state, "weight.nested_absmax"));
-                assert_eq!(bits(dq.nested_absmax()), bits(&nested), "{name}: nested absmax");
+                assert_eq!(
+                    bits(dq.nested_absmax()),
+                    bits(&nested),
+                    "{name}: nested absmax"
+                );
                 let map = f32s(&tensor(&state, "weight.nested_quant_map"));
-                assert_eq!(bits(dq.nested_map()), bits(&map), "{name}: nested quant map");
+                assert_eq!(
+                    bits(dq.nested_map()),
+                    bits(&map),
+                    "{name}: nested quant map"
+                );
             }
         }
         let qt = ours.quant_type();
@@ -73,7 +93,9 @@ fn quantization_is_byte_identical_to_bitsandbytes() {
             "{name}: quant map"
         );
 
-        let read = Nf4Tensor::read("weight", lookup(&state)).unwrap().expect("quantized");
+        let read = Nf4Tensor::read("weight", lookup(&state))
+            .unwrap()
+            .expect("quantized");
         assert_eq!(read, ours, "{name}: state read from bitsandbytes' file");
     }
 }
@@ -85,7 +107,9 @@ fn dequantization_equals_bitsandbytes() {
         let io = SafeTensors::deserialize(&io_bytes).unwrap();
         let state_bytes = read_bytes(&format!("tensors/{}.safetensors", case.name));
         let state = SafeTensors::deserialize(&state_bytes).unwrap();
-        let q = Nf4Tensor::read("weight", lookup(&state)).unwrap().expect("quantized");
+        let q = Nf4Tensor::read("weight", lookup(&state))
+            .unwrap()
+            .expect("quantized");
         let name = &case.name;
         assert_same_values(
             &format!("{name} f32"),
@@ -129,12 +153,18 @@ fn written_files_equal_bitsandbytes_files() {
         assert_eq!(our_keys, their_keys, "{name}: keys");
         for key in their_keys {
             let (a, b) = (tensor(&ours_st, key), tensor(&theirs, key));
-            assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{name}: {key}");
+            assert_eq!(
+                (a.dtype(), a.shape()),
+                (b.dtype(), b.shape()),
+                "{name}: {key}"
+            );
         }
         // ...and, the header layout being the same too, the very same file.
         assert_eq!(ours_bytes, theirs_bytes, "{name}: file bytes");
 
-        let reread = Nf4Tensor::read("weight", lookup(&ours_st)).unwrap().unwrap();
+        let reread = Nf4Tensor::read("weight", lookup(&ours_st))
+            .unwrap()
+            .unwrap();
         assert_eq!(reread, ours, "{name}: re-read");
 
         // The sizes the planner is told match the stored tensors (all but the JSON state).
@@ -165,10 +195,16 @@ fn torch_mean_matches_torch() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut checked = 0;
     for (key, view) in st.tensors() {
-        let Some(n) = key.strip_prefix("values_") else { continue };
+        let Some(n) = key.strip_prefix("values_") else {
+            continue;
+        };
         let want = f32s(&tensor(&st, &format!("mean_{n}")))[0];
         let got = nf4::torch_mean(&f32s(&view));
-        assert_eq!(got.to_bits(), want.to_bits(), "mean of {n} values: ours {got}, torch {want}");
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "mean of {n} values: ours {got}, torch {want}"
+        );
         checked += 1;
     }
     assert!(checked >= 20);

@@ -30,14 +30,19 @@ fn values() -> impl Strategy<Value = Vec<f32>> {
 }
 
 fn block_absmax(x: &[f32], blocksize: usize) -> Vec<f32> {
-    x.chunks(blocksize).map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect()
+    x.chunks(blocksize)
+        .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())))
+        .collect()
 }
 
 /// Worst error of bitsandbytes' nested 8-bit step relative to the nested scale: half the widest gap of
 /// the dynamic map, plus one step of the 65536-point grid its CPU kernel snaps to first.
 fn nested_relative_bound() -> f32 {
     let map = dynamic_map_signed();
-    let half_gap = map.windows(2).map(|w| (w[1] - w[0]) / 2.0).fold(0.0, f32::max);
+    let half_gap = map
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / 2.0)
+        .fold(0.0, f32::max);
     half_gap + 2.0 / 65535.0
 }
 
@@ -149,7 +154,13 @@ fn first_element_goes_to_the_high_nibble_and_odd_counts_pad_with_zero() {
 
 #[test]
 fn all_zero_blocks_dequantize_to_zero() {
-    for opts in [QuantOptions::default(), QuantOptions { double_quant: false, ..QuantOptions::default() }] {
+    for opts in [
+        QuantOptions::default(),
+        QuantOptions {
+            double_quant: false,
+            ..QuantOptions::default()
+        },
+    ] {
         let q = Nf4Tensor::quantize_f32(&vec![0.0; 200], &[200], &opts).unwrap();
         assert!(q.absmax_f32().iter().all(|a| a.is_finite()));
         assert!(q.dequantize_f32().iter().all(|&v| v == 0.0));

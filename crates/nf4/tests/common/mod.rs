@@ -36,7 +36,12 @@ pub fn manifest() -> Manifest {
 
 pub fn read_bytes(rel: &str) -> Vec<u8> {
     let path = fixture_dir().join(rel);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_nf4_fixtures.py)", path.display()))
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run tests/fixtures/make_nf4_fixtures.py)",
+            path.display()
+        )
+    })
 }
 
 pub fn tensor<'a>(st: &'a SafeTensors<'a>, key: &str) -> TensorView<'a> {
@@ -45,11 +50,17 @@ pub fn tensor<'a>(st: &'a SafeTensors<'a>, key: &str) -> TensorView<'a> {
 
 pub fn f32s(view: &TensorView<'_>) -> Vec<f32> {
     assert_eq!(view.dtype(), Dtype::F32);
-    view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    view.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn u16s(view: &TensorView<'_>) -> Vec<u16> {
-    view.data().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    view.data()
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
 
 pub fn f16s(view: &TensorView<'_>) -> Vec<f16> {
@@ -63,10 +74,17 @@ pub fn bf16s(view: &TensorView<'_>) -> Vec<bf16> {
 }
 
 /// Equal values (+0.0 == -0.0: bitsandbytes' CPU kernels differ in the sign of FP4's zero).
-pub fn assert_same_values<T: PartialEq + Copy + std::fmt::Debug>(what: &str, ours: &[T], theirs: &[T]) {
+pub fn assert_same_values<T: PartialEq + Copy + std::fmt::Debug>(
+    what: &str,
+    ours: &[T],
+    theirs: &[T],
+) {
     assert_eq!(ours.len(), theirs.len(), "{what}: length");
     if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
-        panic!("{what}: element {i}: ours {:?}, bitsandbytes {:?}", ours[i], theirs[i]);
+        panic!(
+            "{what}: element {i}: ours {:?}, bitsandbytes {:?}",
+            ours[i], theirs[i]
+        );
     }
 }
 
