@@ -25,9 +25,13 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
-    let dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    println!("cargo:rerun-if-changed={}", dir.join("common.cuh").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("common.cuh").display()
+    );
 
     let mut sources: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
@@ -39,7 +43,10 @@ fn main() {
     let nvcc = nvcc();
     for source in &sources {
         println!("cargo:rerun-if-changed={}", source.display());
-        let stem = source.file_stem().expect(".cu file has a stem").to_string_lossy();
+        let stem = source
+            .file_stem()
+            .expect(".cu file has a stem")
+            .to_string_lossy();
         let ptx = out_dir.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
             .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={ARCH}"), "-o"])

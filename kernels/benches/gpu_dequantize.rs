@@ -38,7 +38,9 @@ fn median_seconds(device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<
 
 /// Random bytes (any byte is a valid NF4 code pair and a valid absmax code), made on the device.
 fn random_bytes(len: usize, device: &Device) -> Result<Vec<u8>> {
-    Ok(Tensor::rand(0f32, 256.0, len, device)?.to_dtype(DType::U8)?.to_vec1()?)
+    Ok(Tensor::rand(0f32, 256.0, len, device)?
+        .to_dtype(DType::U8)?
+        .to_vec1()?)
 }
 
 fn main() -> Result<()> {
@@ -55,15 +57,23 @@ fn main() -> Result<()> {
     let copy_s = median_seconds(&device, || Ok(drop(source.copy()?)))?;
     // A copy reads and writes every byte.
     let copy_bw = (4 * copy_elems) as f64 / copy_s;
-    println!("device copy of {} MiB: {:.0} GB/s (read + write)", 2 * copy_elems >> 20, copy_bw / 1e9);
+    println!(
+        "device copy of {} MiB: {:.0} GB/s (read + write)",
+        2 * copy_elems >> 20,
+        copy_bw / 1e9
+    );
 
-    println!("{:<8} {:>13} {:>5} {:>9} {:>8} {:>8}", "weight", "shape", "dtype", "µs", "GB/s", "of copy");
+    println!(
+        "{:<8} {:>13} {:>5} {:>9} {:>8} {:>8}",
+        "weight", "shape", "dtype", "µs", "GB/s", "of copy"
+    );
     for (name, shape) in SHAPES {
         let numel = shape[0] * shape[1];
         let blocks = numel.div_ceil(BLOCKSIZE);
         let packed = random_bytes(numel.div_ceil(2), &device)?;
         let codes = random_bytes(blocks, &device)?;
-        let nested_absmax: Vec<f32> = Tensor::rand(0.5f32, 2.0, blocks.div_ceil(256), &device)?.to_vec1()?;
+        let nested_absmax: Vec<f32> =
+            Tensor::rand(0.5f32, 2.0, blocks.div_ceil(256), &device)?.to_vec1()?;
         let nested_map: Vec<f32> = Tensor::rand(-1f32, 1.0, 256, &device)?.to_vec1()?;
         let weight = CudaNf4Tensor::upload(
             &HostNf4 {

@@ -1,9 +1,13 @@
 //! NF4 weights resident on a CUDA device, dequantized by kernels/dequantize.cu.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor,
+};
 use half::{bf16, f16};
 use nf4::{AbsmaxState, Nf4Tensor, QuantType};
 
@@ -168,8 +172,8 @@ impl CudaNf4Tensor {
                 offset,
                 ..
             } => DeviceAbsmax::Nested {
-                    codes: upload_u8(codes)?,
-                    nested_absmax: upload_f32(nested_absmax)?,
+                codes: upload_u8(codes)?,
+                nested_absmax: upload_f32(nested_absmax)?,
                 nested_map: upload_f32(nested_map)?,
                 offset,
             },
@@ -207,9 +211,10 @@ impl CudaNf4Tensor {
         if self.shape.elem_count() == 0 {
             return Ok(Tensor::zeros(&self.shape, dtype, self.packed.device())?);
         }
-        Ok(self
-            .packed
-            .apply_op1_no_bwd(&DequantizeNf4 { tensor: self, dtype })?)
+        Ok(self.packed.apply_op1_no_bwd(&DequantizeNf4 {
+            tensor: self,
+            dtype,
+        })?)
     }
 }
 
@@ -220,7 +225,10 @@ struct DequantizeNf4<'a> {
 }
 
 /// The device buffer behind a contiguous CUDA tensor's storage.
-fn cuda_view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+fn cuda_view<'a, T: CudaDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
     match storage {
         Storage::Cuda(storage) => Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..)),
         _ => candle_core::bail!("dequantize-nf4: scales are not on the CUDA device"),
@@ -236,7 +244,10 @@ impl DequantizeNf4<'_> {
     ) -> candle_core::Result<CudaStorage> {
         let numel = self.tensor.shape.elem_count();
         let blocksize_log2 = self.tensor.blocksize.trailing_zeros();
-        let grid = numel.div_ceil(2).div_ceil(THREADS_PER_BLOCK as usize).min(MAX_GRID);
+        let grid = numel
+            .div_ceil(2)
+            .div_ceil(THREADS_PER_BLOCK as usize)
+            .min(MAX_GRID);
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (THREADS_PER_BLOCK, 1, 1),
@@ -248,9 +259,17 @@ impl DequantizeNf4<'_> {
             DeviceAbsmax::Plain(absmax) => {
                 let (absmax, absmax_layout) = absmax.storage_and_layout();
                 let absmax = cuda_view::<f32>(&absmax, absmax_layout)?;
-                let func = dev.get_or_load_custom_func(&format!("dequantize_nf4_{suffix}"), MODULE, DEQUANTIZE_PTX)?;
+                let func = dev.get_or_load_custom_func(
+                    &format!("dequantize_nf4_{suffix}"),
+                    MODULE,
+                    DEQUANTIZE_PTX,
+                )?;
                 let mut args = func.builder();
-                args.arg(packed).arg(&absmax).arg(&out).arg(&numel).arg(&blocksize_log2);
+                args.arg(packed)
+                    .arg(&absmax)
+                    .arg(&out)
+                    .arg(&numel)
+                    .arg(&blocksize_log2);
                 // SAFETY: argument list matches dequantize_nf4_<suffix> in kernels/dequantize.cu; sizes were
                 // checked in `upload`.
                 unsafe { args.launch(cfg) }.w()?;
@@ -302,9 +321,15 @@ impl CustomOp1 for DequantizeNf4<'_> {
         )
     }
 
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = storage.device();
-        let packed = storage.as_cuda_slice::<u8>()?.slice(layout.start_offset()..);
+        let packed = storage
+            .as_cuda_slice::<u8>()?
+            .slice(layout.start_offset()..);
         let out = match self.dtype {
             DType::F32 => self.launch::<f32>(dev, &packed, "f32")?,
             DType::F16 => self.launch::<f16>(dev, &packed, "f16")?,

@@ -19,9 +19,15 @@ pub enum KernelError {
     #[error("NF4 tensor `{name}`: {problem}")]
     InvalidNf4 { name: String, problem: String },
     #[error("NF4 tensor `{name}`: {device:?} is not a CUDA device; dequantize on the CPU with the nf4 crate")]
-    NotCuda { name: String, device: candle_core::DeviceLocation },
+    NotCuda {
+        name: String,
+        device: candle_core::DeviceLocation,
+    },
     #[error("NF4 tensor `{name}`: cannot dequantize to {dtype:?}; use f32, f16 or bf16")]
-    UnsupportedDtype { name: String, dtype: candle_core::DType },
+    UnsupportedDtype {
+        name: String,
+        dtype: candle_core::DType,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

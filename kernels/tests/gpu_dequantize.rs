@@ -13,7 +13,10 @@ const NAME: &str = "model.layers.0.mlp.down_proj.weight";
 
 /// Fresh random values (normal, with a few large outliers and one all-zero stretch) for every call.
 fn weights(numel: usize) -> Vec<f32> {
-    let mut values: Vec<f32> = Tensor::randn(0f32, 1.0, numel, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let mut values: Vec<f32> = Tensor::randn(0f32, 1.0, numel, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for i in (0..numel).step_by(997) {
         values[i] *= 100.0;
     }
@@ -42,7 +45,10 @@ fn check(gpu: &Device, shape: &[usize], blocksize: usize, double_quant: bool) {
     };
     let quantized = Nf4Tensor::quantize_f32(&weights(numel), shape, &opts).unwrap();
     let host = HostNf4::from_nf4(NAME, &quantized).unwrap();
-    assert_eq!(matches!(host.absmax, HostAbsmax::Nested { .. }), double_quant);
+    assert_eq!(
+        matches!(host.absmax, HostAbsmax::Nested { .. }),
+        double_quant
+    );
     let on_gpu = CudaNf4Tensor::upload(&host, gpu).unwrap();
     let case = format!("shape {shape:?} blocksize {blocksize} double quant {double_quant}");
 
@@ -55,11 +61,23 @@ fn check(gpu: &Device, shape: &[usize], blocksize: usize, double_quant: bool) {
     let got: Vec<f32> = dequantize(DType::F32).to_vec1().unwrap();
     let want = quantized.dequantize_f32();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&got), bits(&want), "{case}: f32 differs from the nf4 crate");
+    assert_eq!(
+        bits(&got),
+        bits(&want),
+        "{case}: f32 differs from the nf4 crate"
+    );
     let got: Vec<f16> = dequantize(DType::F16).to_vec1().unwrap();
-    assert_eq!(bits_f16(&got), bits_f16(&quantized.dequantize_f16()), "{case}: f16 differs");
+    assert_eq!(
+        bits_f16(&got),
+        bits_f16(&quantized.dequantize_f16()),
+        "{case}: f16 differs"
+    );
     let got: Vec<bf16> = dequantize(DType::BF16).to_vec1().unwrap();
-    assert_eq!(bits_bf16(&got), bits_bf16(&quantized.dequantize_bf16()), "{case}: bf16 differs");
+    assert_eq!(
+        bits_bf16(&got),
+        bits_bf16(&quantized.dequantize_bf16()),
+        "{case}: bf16 differs"
+    );
 }
 
 #[test]
@@ -81,9 +99,14 @@ fn dequantize_refuses_integer_outputs() {
     let Some(gpu) = cuda_device_or_skip("dequantize_refuses_integer_outputs") else {
         return;
     };
-    let quantized = Nf4Tensor::quantize_f32(&weights(100), &[100], &QuantOptions::default()).unwrap();
-    let on_gpu = CudaNf4Tensor::upload(&HostNf4::from_nf4(NAME, &quantized).unwrap(), &gpu).unwrap();
-    let err = on_gpu.dequantize(DType::U8).err().expect("u8 output must be refused");
+    let quantized =
+        Nf4Tensor::quantize_f32(&weights(100), &[100], &QuantOptions::default()).unwrap();
+    let on_gpu =
+        CudaNf4Tensor::upload(&HostNf4::from_nf4(NAME, &quantized).unwrap(), &gpu).unwrap();
+    let err = on_gpu
+        .dequantize(DType::U8)
+        .err()
+        .expect("u8 output must be refused");
     assert!(matches!(err, KernelError::UnsupportedDtype { .. }), "{err}");
 }
 
@@ -115,10 +138,22 @@ fn nested<'a>(
 #[test]
 fn upload_rejects_a_state_that_does_not_fit_the_shape() {
     let cases = [
-        (nested(&[3, 5], 64, &[0; 7], &[0; 1], &[1.0]), "packed codes has 7 entries"),
-        (nested(&[3, 5], 48, &[0; 8], &[0; 1], &[1.0]), "blocksize 48 is not a power of two"),
-        (nested(&[300, 64], 64, &[0; 9600], &[0; 299], &[1.0, 1.0]), "absmax codes has 299 entries"),
-        (nested(&[300, 64], 64, &[0; 9600], &[0; 300], &[1.0]), "nested absmax has 1 entries"),
+        (
+            nested(&[3, 5], 64, &[0; 7], &[0; 1], &[1.0]),
+            "packed codes has 7 entries",
+        ),
+        (
+            nested(&[3, 5], 48, &[0; 8], &[0; 1], &[1.0]),
+            "blocksize 48 is not a power of two",
+        ),
+        (
+            nested(&[300, 64], 64, &[0; 9600], &[0; 299], &[1.0, 1.0]),
+            "absmax codes has 299 entries",
+        ),
+        (
+            nested(&[300, 64], 64, &[0; 9600], &[0; 300], &[1.0]),
+            "nested absmax has 1 entries",
+        ),
         (
             HostNf4 {
                 absmax: HostAbsmax::Plain(&[1.0; 2]),
@@ -131,9 +166,15 @@ fn upload_rejects_a_state_that_does_not_fit_the_shape() {
         match CudaNf4Tensor::upload(&host, &Device::Cpu) {
             Err(err @ KernelError::InvalidNf4 { .. }) => {
                 let msg = err.to_string();
-                assert!(msg.contains(want) && msg.contains(NAME), "unexpected message: {msg}");
+                assert!(
+                    msg.contains(want) && msg.contains(NAME),
+                    "unexpected message: {msg}"
+                );
             }
-            other => panic!("expected InvalidNf4 containing {want:?}, got {:?}", other.err()),
+            other => panic!(
+                "expected InvalidNf4 containing {want:?}, got {:?}",
+                other.err()
+            ),
         }
     }
 }
@@ -141,7 +182,9 @@ fn upload_rejects_a_state_that_does_not_fit_the_shape() {
 #[test]
 fn upload_refuses_the_cpu_and_fp4() {
     let host = nested(&[3, 5], 64, &[0; 8], &[0; 1], &[1.0]);
-    let err = CudaNf4Tensor::upload(&host, &Device::Cpu).err().expect("a CPU device must be refused");
+    let err = CudaNf4Tensor::upload(&host, &Device::Cpu)
+        .err()
+        .expect("a CPU device must be refused");
     assert!(matches!(err, KernelError::NotCuda { .. }), "{err}");
 
     let opts = QuantOptions {
@@ -149,6 +192,8 @@ fn upload_refuses_the_cpu_and_fp4() {
         ..QuantOptions::default()
     };
     let fp4 = Nf4Tensor::quantize_f32(&weights(100), &[100], &opts).unwrap();
-    let err = HostNf4::from_nf4(NAME, &fp4).err().expect("FP4 must be refused");
+    let err = HostNf4::from_nf4(NAME, &fp4)
+        .err()
+        .expect("FP4 must be refused");
     assert!(err.to_string().contains("fp4"), "{err}");
 }

@@ -7,9 +7,21 @@ use common::{cuda_device_or_skip, relative_error};
 
 /// Runs `lhs · rhs` (rhs given transposed, as a linear layer stores its weight) in `dtype` on the GPU and checks
 /// it against the CPU in f32.
-fn check_matmul(gpu: &Device, dtype: DType, lhs_dims: &[usize], weight_dims: &[usize], tolerance: f64) {
-    let lhs = Tensor::randn(0f32, 1.0, lhs_dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-    let weight = Tensor::randn(0f32, 1.0, weight_dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+fn check_matmul(
+    gpu: &Device,
+    dtype: DType,
+    lhs_dims: &[usize],
+    weight_dims: &[usize],
+    tolerance: f64,
+) {
+    let lhs = Tensor::randn(0f32, 1.0, lhs_dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let weight = Tensor::randn(0f32, 1.0, weight_dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
     // Reference from the same rounded inputs, so only the product's own rounding is measured.
     let want = lhs
         .to_dtype(DType::F32)
@@ -25,7 +37,10 @@ fn check_matmul(gpu: &Device, dtype: DType, lhs_dims: &[usize], weight_dims: &[u
     assert_eq!(got.dims(), want.dims());
     let err = relative_error(&got, &want);
     println!("{dtype:?} {lhs_dims:?} x {weight_dims:?}^T: relative error {err:.2e}");
-    assert!(err < tolerance, "{dtype:?} {lhs_dims:?} x {weight_dims:?}^T: relative error {err:.2e} ≥ {tolerance:.0e}");
+    assert!(
+        err < tolerance,
+        "{dtype:?} {lhs_dims:?} x {weight_dims:?}^T: relative error {err:.2e} ≥ {tolerance:.0e}"
+    );
 }
 
 /// Decode (1 row), a small odd batch, a 3-D batch, and sizes that fit no tile evenly.

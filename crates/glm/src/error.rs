@@ -55,7 +55,8 @@ pub enum GlmError {
     Nf4 {
         name: String,
         path: PathBuf,
-        source: nf4::Nf4Error,
+        // Boxed so that every `Result<_, GlmError>` stays small.
+        source: Box<nf4::Nf4Error>,
     },
     #[error("{0}")]
     Unsupported(String),

@@ -24,8 +24,8 @@ pub mod loader;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
-pub mod save;
 pub mod sampling;
+pub mod save;
 pub mod tokenizer;
 
 pub use config::{Architecture, Config};

@@ -576,7 +576,7 @@ impl<'a> WeightLoader<'a> {
             GlmError::Nf4 {
                 name: format!("{base}.weight"),
                 path: self.path_of(&format!("{base}.weight")),
-                source,
+                source: Box::new(source),
             }
         })?;
         Linear::nf4(packed, self.options.dtype, &self.options.device, bias)
@@ -587,7 +587,7 @@ impl<'a> WeightLoader<'a> {
         let nf4_error = |source| GlmError::Nf4 {
             name: name.to_string(),
             path: self.path_of(name),
-            source,
+            source: Box::new(source),
         };
         let lookup = |key: &str| -> Option<TensorView<'a>> {
             let view = self.checkpoint.view(key).ok()?;

@@ -295,6 +295,9 @@ fn activation_bytes(config: &Config, request: &PlanRequest) -> u64 {
     hidden_states + scores + logits + widest_weight
 }
 
+/// Reads one line of a [`Footprint`] for the plan table.
+type FootprintField = fn(&Footprint) -> u64;
+
 impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dtype = format!("{:?}", self.dtype).to_lowercase();
@@ -304,7 +307,7 @@ impl fmt::Display for MemoryPlan {
             self.context_len
         )?;
         writeln!(f, "  {:<22}{:>12}{:>12}", "", dtype, "nf4")?;
-        let rows: [(&str, fn(&Footprint) -> u64); 10] = [
+        let rows: [(&str, FootprintField); 10] = [
             ("embedding", |p| p.embedding),
             ("attention", |p| p.attention),
             ("mlp", |p| p.mlp),

@@ -149,7 +149,7 @@ fn write_into(
         let packed = quantize_view(name, &view, opts).map_err(|source| GlmError::Nf4 {
             name: name.to_string(),
             path: checkpoint.file_of(name).unwrap_or(dir).to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         compute_dtype.get_or_insert(packed.dtype());
         tensors.extend(

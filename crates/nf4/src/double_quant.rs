@@ -88,10 +88,10 @@ fn multi_row_sum<const L: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..TORCH_SUM_ILP {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0.0; L];
+            let (below, from_j) = acc.split_at_mut(j);
+            for (upper, lower) in from_j[0].iter_mut().zip(below[j - 1].iter_mut()) {
+                add(upper, lower);
+                *lower = [0.0; L];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -103,10 +103,10 @@ fn multi_row_sum<const L: usize>(
             add(a, &item(i, k));
         }
     }
-    for j in 1..LEVELS {
-        for k in 0..TORCH_SUM_ILP {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+    let (first, higher) = acc.split_at_mut(1);
+    for level in higher.iter() {
+        for (sum, upper) in first[0].iter_mut().zip(level) {
+            add(sum, upper);
         }
     }
     acc[0]

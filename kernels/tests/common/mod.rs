@@ -18,7 +18,10 @@ pub fn cuda_device_or_skip(test: &str) -> Option<Device> {
             // candle appends a backtrace to the message when RUST_BACKTRACE is set: keep the first line.
             let err = err.to_string();
             let reason = err.lines().next().unwrap_or_default();
-            let _ = writeln!(std::io::stderr(), "{test}: skipped: no CUDA device ({reason})");
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped: no CUDA device ({reason})"
+            );
             None
         }
     }
