@@ -47,7 +47,8 @@ for line in open(messages):
         continue
     name = msg["target"]["name"]
     package_dir = os.path.relpath(os.path.dirname(msg["manifest_path"]), root)
-    shutil.copy(msg["executable"], os.path.join(staging, "bin", name))
+    # A test and a bench may share a name: keep both.
+    shutil.copy(msg["executable"], os.path.join(staging, "bin", f"{kind}-{name}"))
     lines.append(f"{kind}\t{name}\t{package_dir}\n")
 if not lines:
     sys.exit("gpu-pack: cargo built no gpu_* test or bench binary")

@@ -34,7 +34,7 @@ while IFS=$'\t' read -r kind name package_dir; do
     echo "=== test $name ($package_dir)"
     log="$work/$name.log"
     # cargo runs a test binary in its package folder; do the same.
-    (cd "$package_dir" && "$work/bin/$name" --test-threads=1 --nocapture) 2>&1 | tee "$log"
+    (cd "$package_dir" && "$work/bin/test-$name" --test-threads=1 --nocapture) 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     result=$(grep -E '^test result: ' "$log" | tail -1)
     ok=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$result")
@@ -51,7 +51,7 @@ done <"$work/manifest.tsv"
 while IFS=$'\t' read -r kind name package_dir; do
     [ "$kind" = bench ] || continue
     echo "=== bench $name ($package_dir)"
-    (cd "$package_dir" && "$work/bin/$name" --bench) || echo "gpu-run: bench $name exited with $?"
+    (cd "$package_dir" && "$work/bin/bench-$name" --bench) || echo "gpu-run: bench $name exited with $?"
 done <"$work/manifest.tsv"
 
 echo "=== glm-run"
@@ -61,6 +61,12 @@ if ldd "$work/bin/glm-run" | grep 'not found'; then
     failed=$((failed + 1))
 fi
 "$work/bin/glm-run" --help | head -20 || true
+# Smoke: the shipped demo model, greedy, on the CPU and on the GPU (the GPU end-to-end tests compare tokens).
+for device in cpu cuda; do
+    echo "--- glm-run --device $device"
+    "$work/bin/glm-run" --model models/demo --device "$device" --dtype f32 --quant none --max-new-tokens 24 "What say you to my love?" ||
+        { echo "gpu-run: glm-run --device $device failed"; failed=$((failed + 1)); }
+done
 
 echo "gpu-run: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
