@@ -1,4 +1,5 @@
-// Shared helpers for glm-run's CUDA kernels: the NF4 codebook, bitsandbytes' block layout, output conversions.
+// Shared helpers for glm-run's CUDA kernels: the NF4 codebook, bitsandbytes' block layout and its double-quantized
+// absmax, the tiled on-device order of packed codes, output conversions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +23,62 @@
 __device__ __forceinline__ uint8_t nf4_high(uint8_t byte) { return byte >> 4; }
 __device__ __forceinline__ uint8_t nf4_low(uint8_t byte) { return byte & 0x0f; }
 
+// Per-block absmax stored as plain f32 (bitsandbytes with double quant off).
+struct PlainAbsmax {
+    const float *absmax;
+    __device__ __forceinline__ float operator()(size_t block) const { return __ldg(absmax + block); }
+};
+
+// Per-block absmax double-quantized (bitsandbytes' default): u8 code into the signed dynamic map. Both products
+// are rounded separately in f32 (no fused multiply-add), as bitsandbytes and the CPU reference do.
+struct NestedAbsmax {
+    const uint8_t *codes;
+    const float *nested_absmax;
+    const float *nested_map;
+    float offset;
+    __device__ __forceinline__ float operator()(size_t block) const {
+        float scaled = __fmul_rn(__ldg(nested_map + __ldg(codes + block)),
+                                 __ldg(nested_absmax + block / NF4_NESTED_BLOCKSIZE));
+        return __fadd_rn(scaled, offset);
+    }
+};
+
+// Tiled order of the packed codes of a weight [N, K] (N % 16 == 0, K % 64 == 0), built on upload for the matmul
+// kernels. A tile is 16 rows x 64 columns (512 bytes); tiles are stored strip by strip (16 rows), left to right.
+// Inside a tile, lane l = 4 r + j (r < 8, j < 4) of a warp owns 16 bytes: bytes 8j..8j+7 of the tile's row r, then
+// the same bytes of row r + 8 -- exactly the codes it feeds to mma.m16n8k16 (see gemv_nf4.cu), in one 16-byte
+// load. The order moves whole 8-byte chunks, so it is described per chunk.
+#define NF4_TILE_ROWS 16
+#define NF4_TILE_COLS 64
+#define NF4_TILE_BYTES (NF4_TILE_ROWS * NF4_TILE_COLS / 2)
+
+// Where 8-byte chunk q (bitsandbytes' order) of a tiled weight with `row_chunks` chunks per row is stored.
+__device__ __forceinline__ size_t nf4_tiled_chunk(size_t q, size_t row_chunks) {
+    const size_t row = q / row_chunks, col = q % row_chunks;
+    const size_t tile = col / 4, j = col % 4;
+    const size_t strip = row / NF4_TILE_ROWS, r = row % 8, half = (row / 8) % 2;
+    const size_t tiles_per_row = row_chunks / 4;
+    return ((strip * tiles_per_row + tile) * 32 + r * 4 + j) * 2 + half;
+}
+
+// Which 8-byte chunk (bitsandbytes' order) is stored at chunk position p of a tiled weight: the inverse of
+// nf4_tiled_chunk.
+__device__ __forceinline__ size_t nf4_untiled_chunk(size_t p, size_t row_chunks) {
+    const size_t half = p % 2, lane = (p / 2) % 32, tile_index = p / 64;
+    const size_t tiles_per_row = row_chunks / 4;
+    const size_t strip = tile_index / tiles_per_row, tile = tile_index % tiles_per_row;
+    const size_t row = strip * NF4_TILE_ROWS + half * 8 + lane / 4;
+    return row * row_chunks + tile * 4 + lane % 4;
+}
+
+// Where packed byte i (bitsandbytes' order) is stored: tiled_row_chunks is 0 for bitsandbytes' order.
+__device__ __forceinline__ size_t nf4_packed_offset(size_t i, unsigned tiled_row_chunks) {
+    if (tiled_row_chunks == 0) {
+        return i;
+    }
+    return nf4_tiled_chunk(i / 8, tiled_row_chunks) * 8 + i % 8;
+}
+
 // Round-to-nearest-even conversions from the f32 result, as `half::f16::from_f32` / `bf16::from_f32` do.
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
@@ -29,3 +86,8 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
+
+// Exact widening to f32.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -19,6 +19,9 @@ log() { echo "gpu-pack: $*" >&2; }
 
 log "building glm-run (release, cuda) in $TARGET_DIR"
 cargo build --release --features cuda --target-dir "$TARGET_DIR" --bin glm-run
+# The end-to-end benchmark (benches/run-gpu.sh runs it).
+log "building glm-bench (release, cuda) in $TARGET_DIR"
+cargo build --release --features cuda --target-dir "$TARGET_DIR" -p glm-bench --bin glm-bench
 
 # The GPU test and bench binaries' paths come from cargo's JSON messages ("executable" of each artifact),
 # along with the package folder that cargo would run them in.
@@ -32,6 +35,7 @@ staging="$PACK/staging"
 rm -rf "$staging"
 mkdir -p "$staging/bin"
 cp "$TARGET_DIR/release/glm-run" "$staging/bin/glm-run"
+cp "$TARGET_DIR/release/glm-bench" "$staging/bin/glm-bench"
 root=$PWD
 # manifest: one line per binary: kind (test/bench), binary name, package folder relative to the repo root.
 python3 - "$messages" "$staging" "$root" <<'EOF'

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use glm::pipeline::{GenerationSettings, Glm, Prompt, RunOptions};
-use glm::plan::{human_bytes, parse_bytes, QuantMode};
+use glm::plan::{human_bytes, parse_bytes, Footprint, MemoryPlan, QuantMode};
 use glm::sampling::SamplingConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -46,19 +46,25 @@ struct Cli {
     /// Cap on usable memory, e.g. 12GiB (also GLM_RUN_MEMORY_LIMIT).
     #[arg(long, value_parser = parse_memory)]
     memory_limit: Option<u64>,
+    /// With 4-bit weights, quantize the lm_head too (less memory, slightly different logits).
+    #[arg(long)]
+    quantize_lm_head: bool,
+    /// On a GPU, keep the embedding table in host memory (rows are looked up and copied per step).
+    #[arg(long)]
+    embeddings_on_host: bool,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
     /// 0 = off.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// 1.0 = off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     /// 1.0 = off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repeat_penalty: f64,
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
@@ -74,7 +80,7 @@ struct Cli {
     /// Write a bitsandbytes-compatible NF4 checkpoint into this new directory and exit.
     #[arg(long, value_name = "DIR")]
     save_quantized: Option<PathBuf>,
-    /// One JSON object on stdout instead of streamed text.
+    /// One JSON object on stdout instead of streamed text (with --plan: the plan in bytes).
     #[arg(long)]
     json: bool,
 }
@@ -99,7 +105,18 @@ fn parse_memory(text: &str) -> std::result::Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version are not errors.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("glm-run: error: {}", one_line_usage_error(&e));
+            return ExitCode::from(e.exit_code().clamp(1, 255) as u8);
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -111,11 +128,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's multi-line message (error, possible values or tip, usage) as one line, like every other error.
+fn one_line_usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    let message = parts.join("; ");
+    format!(
+        "{}; see glm-run --help",
+        message.strip_prefix("error: ").unwrap_or(&message)
+    )
+}
+
 fn run(cli: &Cli) -> Result<()> {
     let options = run_options(cli)?;
     let dir = glm::hub::resolve_model(&cli.model, cli.revision.as_deref())?;
     if cli.plan {
-        println!("{}", Glm::plan(&dir, &options)?);
+        let plan = Glm::plan(&dir, &options)?;
+        if cli.json {
+            println!("{}", plan_json(&plan));
+        } else {
+            println!("{plan}");
+        }
         return Ok(());
     }
     if let Some(out) = &cli.save_quantized {
@@ -132,10 +171,11 @@ fn run(cli: &Cli) -> Result<()> {
         max_new_tokens: cli.max_new_tokens,
     };
     settings.sampling.validate()?;
+    if settings.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
     let prompt = read_prompt(cli)?;
-    let glm = with_spinner(&format!("loading {}", dir.display()), || {
-        Glm::load(&dir, &options)
-    })?;
+    let glm = load_with_progress(&dir, options.clone())?;
     for note in glm.model().load_notes() {
         eprintln!("note: {note}");
     }
@@ -171,8 +211,14 @@ fn run(cli: &Cli) -> Result<()> {
             "memory": {
                 "planned_bytes": plan.chosen().total(),
                 "planned_weight_bytes": plan.chosen().weights(),
-                "weight_bytes": weights,
+                "measured_weight_bytes": weights,
                 "peak_rss_bytes": peak_rss_bytes(),
+                // Device memory from the driver (null on the CPU).
+                "measured": glm.measured_memory().map(|m| serde_json::json!({
+                    "after_load_bytes": m.after_load,
+                    "peak_load_bytes": m.peak_load,
+                    "peak_bytes": m.peak,
+                })),
             },
             "quant": quant,
             "dtype": dtype,
@@ -195,8 +241,44 @@ fn run(cli: &Cli) -> Result<()> {
             human_bytes(plan.chosen().weights()),
             human_bytes(plan.chosen().total()),
         );
+        if let Some(m) = glm.measured_memory() {
+            eprintln!(
+                "device memory measured: {} after load (peak {} while loading), peak {} in all",
+                human_bytes(m.after_load),
+                human_bytes(m.peak_load),
+                human_bytes(m.peak)
+            );
+        }
     }
     Ok(())
+}
+
+/// `--plan --json`: every number of the plan in bytes, for scripts.
+fn plan_json(plan: &MemoryPlan) -> serde_json::Value {
+    let footprint = |f: &Footprint| {
+        serde_json::json!({
+            "embedding": f.embedding,
+            "attention": f.attention,
+            "mlp": f.mlp,
+            "norms": f.norms,
+            "lm_head": f.lm_head,
+            "weights": f.weights(),
+            "kv_cache": f.kv_cache,
+            "activations": f.activations,
+            "overhead": f.overhead,
+            "total": f.total(),
+        })
+    };
+    serde_json::json!({
+        "dtype": dtype_name(plan.dtype),
+        "context_len": plan.context_len,
+        "dense": footprint(&plan.dense),
+        "nf4": footprint(&plan.nf4),
+        "usable_bytes": plan.budget.as_ref().map(|b| b.usable),
+        "usable_source": plan.budget.as_ref().map(|b| b.source.as_str()),
+        "choice": plan.choice.to_string(),
+        "reason": plan.reason,
+    })
 }
 
 fn run_options(cli: &Cli) -> Result<RunOptions> {
@@ -214,6 +296,8 @@ fn run_options(cli: &Cli) -> Result<RunOptions> {
         device: parse_device(&cli.device)?,
         context_len: cli.context,
         memory_limit: cli.memory_limit,
+        quantize_lm_head: cli.quantize_lm_head,
+        embeddings_on_host: cli.embeddings_on_host,
         ..RunOptions::default()
     })
 }
@@ -271,6 +355,31 @@ fn save_quantized(dir: &Path, options: &RunOptions, out: &Path) -> Result<()> {
     })?;
     eprintln!("wrote {} ({})", out.display(), human_bytes(written));
     Ok(())
+}
+
+/// Loads the model with a progress bar on stderr (when it is a terminal): bytes read and bytes/s.
+fn load_with_progress(dir: &Path, mut options: RunOptions) -> glm::Result<Glm> {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "loading {msg} [{bar:30}] {bytes}/{total_bytes} ({binary_bytes_per_sec}, {elapsed})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(dir.display().to_string());
+    let shown = bar.clone();
+    options.progress = Some(glm::LoadProgress::new(move |read, total| {
+        shown.set_length(total);
+        shown.set_position(read);
+    }));
+    let result = Glm::load(dir, &options);
+    bar.finish_and_clear();
+    result
 }
 
 /// Runs `work` with a spinner on stderr (when it is a terminal), showing elapsed time.

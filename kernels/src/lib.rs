@@ -1,4 +1,9 @@
-//! glm-run's CUDA kernels as candle custom ops.
+//! glm-run's CUDA kernels for NF4 weights resident on the GPU.
+//!
+//! [`CudaNf4Tensor`] holds a weight's packed 4-bit codes and (double-quantized) scales on a CUDA device and
+//! offers the operations a decoder needs: [`CudaNf4Tensor::matmul`] (fused GEMV for up to 8 rows, a prefill path
+//! beyond), [`CudaNf4Tensor::dequantize`], [`CudaNf4Tensor::quantize`] (on the device, byte-identical to the nf4
+//! crate) and [`CudaNf4Tensor::to_host`].
 //!
 //! Each `kernels/*.cu` is compiled to PTX for sm_90 by build.rs and embedded here; the first launch on a device
 //! loads the module through `CudaDevice::get_or_load_custom_func`. Only built with glm's `cuda` feature: it
@@ -7,26 +12,45 @@
 #![cfg(feature = "cuda")]
 
 mod dequantize;
+mod layout;
+mod matmul;
+mod quantize;
+mod tensor;
 
-pub use dequantize::{CudaNf4Tensor, HostAbsmax, HostNf4};
+pub use matmul::GEMV_MAX_ROWS;
+pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
 /// PTX of kernels/dequantize.cu.
 pub const DEQUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequantize.ptx"));
+/// PTX of kernels/gemv_nf4.cu.
+const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv_nf4.ptx"));
+/// PTX of kernels/quantize_nf4.cu.
+const QUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize_nf4.ptx"));
+/// PTX of kernels/repack_nf4.cu.
+const REPACK_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/repack_nf4.ptx"));
 
 /// What can go wrong preparing or launching a kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("NF4 tensor `{name}`: {problem}")]
     InvalidNf4 { name: String, problem: String },
-    #[error("NF4 tensor `{name}`: {device:?} is not a CUDA device; dequantize on the CPU with the nf4 crate")]
+    #[error("NF4 tensor `{name}`: {device:?} is not a CUDA device; use the nf4 crate on the CPU")]
     NotCuda {
         name: String,
         device: candle_core::DeviceLocation,
     },
-    #[error("NF4 tensor `{name}`: cannot dequantize to {dtype:?}; use f32, f16 or bf16")]
+    #[error("NF4 tensor `{name}`: {dtype:?} is not supported here; use f32, f16 or bf16")]
     UnsupportedDtype {
         name: String,
         dtype: candle_core::DType,
+    },
+    #[error("NF4 tensor `{name}`: {problem}")]
+    BadInput { name: String, problem: String },
+    #[error("cannot quantize `{name}`: {source}")]
+    Quantize {
+        name: String,
+        #[source]
+        source: nf4::Nf4Error,
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

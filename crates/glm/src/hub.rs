@@ -32,11 +32,18 @@ pub fn resolve_model(model: &str, revision: Option<&str>) -> Result<PathBuf> {
         )));
     }
     let revision = revision.unwrap_or("main");
-    if offline() {
+    let resolved = if offline() {
         cached_snapshot(&Cache::from_env(), model, revision)
     } else {
         download(model, revision)
-    }
+    };
+    // `org/name` may also have been meant as a relative path with a typo: say that too.
+    resolved.map_err(|e| match e {
+        GlmError::Input(message) => GlmError::Input(format!(
+            "{message}; no local directory {model} exists either"
+        )),
+        e => e,
+    })
 }
 
 fn looks_like_repo_id(model: &str) -> bool {

@@ -1,9 +1,10 @@
 //! [`Linear`]: the one type every projection of the decoder goes through, dense or 4-bit.
 //!
-//! A weight is either a dense `[out, in]` tensor in the compute dtype or an [`nf4::Nf4Tensor`] that stays
-//! packed in bitsandbytes' layout. On the CPU a packed weight is dequantized to the compute dtype inside
-//! `forward`, one layer at a time, so memory holds 4-bit weights only; the CUDA backend replaces that
-//! step with kernels that read the packed codes inside the matmul, behind the same `forward`.
+//! A weight is either a dense `[out, in]` tensor in the compute dtype or a 4-bit NF4 weight that stays
+//! packed in bitsandbytes' layout. On the CPU a packed weight ([`nf4::Nf4Tensor`]) is dequantized to the
+//! compute dtype inside `forward`, one layer at a time, so memory holds 4-bit weights only; on a CUDA
+//! device it lives packed in device memory (`glm_kernels::CudaNf4Tensor`) and our kernels read the
+//! codes inside the matmul (a GEMV for decode, a GEMM path for prefill), behind the same `forward`.
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -11,6 +12,8 @@ use half::{bf16, f16};
 use crate::error::{GlmError, Result};
 
 /// The weight of a [`Linear`] layer.
+// With CUDA a `Device` is large; a few hundred layers hold one weight each, so boxing saves nothing.
+#[cfg_attr(feature = "cuda", allow(clippy::large_enum_variant))]
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     /// `[out, in]` in the compute dtype.
@@ -21,6 +24,32 @@ pub enum LinearWeight {
         dtype: DType,
         device: Device,
     },
+    /// 4-bit packed in CUDA device memory, multiplied by our kernels without expanding it.
+    #[cfg(feature = "cuda")]
+    CudaNf4 { packed: CudaNf4Weight, dtype: DType },
+}
+
+/// A [`glm_kernels::CudaNf4Tensor`] shared between clones of a layer.
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub struct CudaNf4Weight(std::sync::Arc<glm_kernels::CudaNf4Tensor>);
+
+#[cfg(feature = "cuda")]
+impl CudaNf4Weight {
+    pub fn tensor(&self) -> &glm_kernels::CudaNf4Tensor {
+        &self.0
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for CudaNf4Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaNf4Weight")
+            .field("name", &self.0.name())
+            .field("shape", self.0.shape())
+            .field("blocksize", &self.0.blocksize())
+            .finish()
+    }
 }
 
 /// `y = x Wᵀ + b` over the last dimension of `x`.
@@ -71,6 +100,32 @@ impl Linear {
         })
     }
 
+    /// A 4-bit layer whose packed weight `[out, in]` is already on a CUDA device, computing in `dtype`.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_nf4(
+        packed: glm_kernels::CudaNf4Tensor,
+        dtype: DType,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        let &[out_features, in_features] = packed.shape().dims() else {
+            return Err(GlmError::Input(format!(
+                "4-bit linear weight {} must be 2-D, got shape {:?}",
+                packed.name(),
+                packed.shape()
+            )));
+        };
+        check_bias(bias.as_ref(), out_features)?;
+        Ok(Self {
+            weight: LinearWeight::CudaNf4 {
+                packed: CudaNf4Weight(std::sync::Arc::new(packed)),
+                dtype,
+            },
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
     pub fn weight(&self) -> &LinearWeight {
         &self.weight
     }
@@ -88,7 +143,12 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Nf4 { .. })
+        match self.weight {
+            LinearWeight::Dense(_) => false,
+            LinearWeight::Nf4 { .. } => true,
+            #[cfg(feature = "cuda")]
+            LinearWeight::CudaNf4 { .. } => true,
+        }
     }
 
     /// Bytes the weight and bias occupy as held (packed codes, absmax and code maps for 4-bit).
@@ -96,6 +156,8 @@ impl Linear {
         let weight = match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             LinearWeight::Nf4 { packed, .. } => packed.size().total(),
+            #[cfg(feature = "cuda")]
+            LinearWeight::CudaNf4 { packed, .. } => packed.tensor().device_bytes(),
         };
         weight
             + self
@@ -127,6 +189,11 @@ impl Linear {
                 };
                 Ok(w)
             }
+            #[cfg(feature = "cuda")]
+            LinearWeight::CudaNf4 { packed, dtype } => packed
+                .tensor()
+                .dequantize(*dtype)
+                .map_err(crate::gpu::kernel_error),
         }
     }
 
@@ -142,16 +209,27 @@ impl Linear {
                 self.in_features
             )));
         }
-        let rows: usize = lead.iter().product();
-        let weight = self.dense_weight()?;
-        let y = x.reshape((rows, last))?.matmul(&weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut out_shape = lead.to_vec();
         out_shape.push(self.out_features);
-        Ok(y.reshape(out_shape)?)
+        let y = match &self.weight {
+            // The kernels take [.., in] as it is and never expand the weight.
+            #[cfg(feature = "cuda")]
+            LinearWeight::CudaNf4 { packed, .. } => packed
+                .tensor()
+                .matmul(&x.contiguous()?)
+                .map_err(crate::gpu::kernel_error)?,
+            _ => {
+                let rows: usize = lead.iter().product();
+                let weight = self.dense_weight()?;
+                x.reshape((rows, last))?
+                    .matmul(&weight.t()?)?
+                    .reshape(out_shape)?
+            }
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 }
 

@@ -5,11 +5,18 @@
 //! held twice. [`WeightLoader`] knows each layout's names (transformers' `model.*`, GLM-4.1V's
 //! `model.language_model.*`, ChatGLM's `transformer.encoder.*` with its fused `query_key_value`) and
 //! checks every shape against config.json.
+//!
+//! Loading streams: one tensor at a time goes from the map to the device, and a weight quantized at
+//! load is quantized there (on a CUDA device by our kernel) and its full-precision copy dropped before
+//! the next is read, so the peak is the final footprint plus about one tensor, on the device and in
+//! host memory alike. [`LoadProgress`] hears the bytes read.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -20,6 +27,7 @@ use serde::Deserialize;
 
 use crate::config::{Architecture, Config};
 use crate::error::{GlmError, Result};
+use crate::gpu::MemoryTracker;
 use crate::linear::Linear;
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -58,6 +66,25 @@ impl SafetensorsFile {
             data_start: 8 + header_len,
             metadata,
         })
+    }
+
+    /// Drops the mapped pages of `name` from this process once its data has been copied out, so that
+    /// the resident memory of a load stays about one tensor (the pages stay in the page cache).
+    fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.metadata.info(name) {
+            let (start, end) = info.data_offsets;
+            // SAFETY: the map is read-only and private: dropped pages are read again from the
+            // unchanged file if touched, so every view of them still sees the same bytes.
+            // Only a hint: the load is correct without it.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.data_start + start,
+                    end - start,
+                )
+            };
+        }
     }
 
     fn view(&self, name: &str) -> Option<TensorView<'_>> {
@@ -166,6 +193,21 @@ impl Checkpoint {
         self.locations.contains_key(name)
     }
 
+    /// Releases the mapped pages of `name` after its data was copied out (see [`SafetensorsFile::release`]).
+    fn release(&self, name: &str) {
+        if let Some(&i) = self.locations.get(name) {
+            self.files[i].release(name);
+        }
+    }
+
+    /// Bytes of the stored tensor `name` (0 when absent).
+    fn stored_bytes(&self, name: &str) -> u64 {
+        self.locations
+            .get(name)
+            .and_then(|&i| self.files[i].metadata.info(name))
+            .map_or(0, |info| (info.data_offsets.1 - info.data_offsets.0) as u64)
+    }
+
     /// Every tensor name in the checkpoint.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.locations.keys().map(String::as_str)
@@ -206,24 +248,19 @@ impl Checkpoint {
 fn view_to_tensor(name: &str, path: &Path, view: &TensorView, device: &Device) -> Result<Tensor> {
     let shape = view.shape().to_vec();
     let bytes = view.data();
-    // pod_collect_to_vec copies into an aligned buffer: mapped data need not be aligned. Safetensors
-    // data is little-endian, as is every target we build for.
+    // Safetensors data is little-endian, as is every target we build for. Aligned data (the usual
+    // case) goes straight from the map to the device; unaligned data is first copied into an aligned
+    // buffer, since mapped data need not be aligned.
+    fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
+        match bytemuck::try_cast_slice(bytes) {
+            Ok(aligned) => Cow::Borrowed(aligned),
+            Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+        }
+    }
     let tensor = match view.dtype() {
-        StDtype::F32 => Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
-            shape,
-            device,
-        )?,
-        StDtype::F16 => Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, f16>(bytes),
-            shape,
-            device,
-        )?,
-        StDtype::BF16 => Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, bf16>(bytes),
-            shape,
-            device,
-        )?,
+        StDtype::F32 => Tensor::from_slice(&typed::<f32>(bytes), shape, device)?,
+        StDtype::F16 => Tensor::from_slice(&typed::<f16>(bytes), shape, device)?,
+        StDtype::BF16 => Tensor::from_slice(&typed::<bf16>(bytes), shape, device)?,
         other => {
             return Err(GlmError::UnsupportedDtype {
                 name: name.to_string(),
@@ -265,6 +302,17 @@ pub struct LoadOptions {
     /// transformers+bitsandbytes `load_in_4bit` does (embedding and lm_head stay dense). Ignored for a
     /// checkpoint that is already quantized.
     pub quantize: Option<nf4::QuantOptions>,
+    /// With 4-bit weights (quantized at load or stored so), quantize the lm_head too: it is the
+    /// largest single weight of a GLM (vocabulary × hidden). A tied head gets its own 4-bit copy.
+    pub quantize_lm_head: bool,
+    /// Keep the embedding table in host memory: each step looks its rows up on the CPU and copies
+    /// them to the device. A tied lm_head then gets its own copy on the device.
+    pub embeddings_on_host: bool,
+    /// Tokens the KV cache is allocated for once, at the first step, and written in place; None: the
+    /// cache grows by concatenation at each step.
+    pub kv_capacity: Option<usize>,
+    /// Told the bytes read so far after each tensor.
+    pub progress: Option<LoadProgress>,
 }
 
 impl Default for LoadOptions {
@@ -273,7 +321,27 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             quantize: None,
+            quantize_lm_head: false,
+            embeddings_on_host: false,
+            kv_capacity: None,
+            progress: None,
         }
+    }
+}
+
+/// A callback told `(bytes read, bytes to read)` after each tensor a load reads from the checkpoint.
+#[derive(Clone)]
+pub struct LoadProgress(Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl LoadProgress {
+    pub fn new(callback: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(callback))
+    }
+}
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
     }
 }
 
@@ -286,6 +354,11 @@ pub(crate) struct WeightLoader<'a> {
     prefix: &'static str,
     /// Names read so far, to report what the checkpoint holds beyond the decoder.
     used: RefCell<HashSet<String>>,
+    /// Bytes read so far, and in all (every tensor but the vision tower's).
+    bytes_read: RefCell<u64>,
+    bytes_total: u64,
+    /// Device memory, sampled after each tensor (CUDA only).
+    memory: Option<MemoryTracker>,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -311,13 +384,61 @@ impl<'a> WeightLoader<'a> {
             Architecture::Glm4v => "model.language_model.",
             _ => "model.",
         };
-        Ok(Self {
+        let mut loader = Self {
             checkpoint,
             config,
             options,
             prefix,
             used: RefCell::new(HashSet::new()),
-        })
+            bytes_read: RefCell::new(0),
+            bytes_total: 0,
+            memory: MemoryTracker::start(&options.device)?,
+        };
+        loader.bytes_total = checkpoint
+            .tensor_names()
+            .filter(|n| !is_vision(n))
+            .map(|n| checkpoint.stored_bytes(n))
+            .sum::<u64>()
+            // A tied head of its own reads the embedding table twice.
+            + if config.tie_word_embeddings && loader.separate_lm_head() {
+                checkpoint.stored_bytes(&loader.embed_name())
+            } else {
+                0
+            };
+        Ok(loader)
+    }
+
+    /// Ends the load: the device's usage is sampled and the progress callback told it is complete.
+    pub(crate) fn finish(self) -> Result<(Option<MemoryTracker>, Vec<String>)> {
+        if let Some(memory) = &self.memory {
+            memory.finish_load()?;
+        }
+        if let Some(progress) = &self.options.progress {
+            (progress.0)(self.bytes_total, self.bytes_total);
+        }
+        let notes = self.unused_report();
+        Ok((self.memory, notes))
+    }
+
+    /// Counts `name` as read and tells the progress callback.
+    fn mark_read(&self, name: &str) {
+        self.used.borrow_mut().insert(name.to_string());
+        let read = {
+            let mut read = self.bytes_read.borrow_mut();
+            *read += self.checkpoint.stored_bytes(name);
+            *read
+        };
+        if let Some(progress) = &self.options.progress {
+            (progress.0)(read.min(self.bytes_total), self.bytes_total);
+        }
+    }
+
+    /// Samples the device memory where a load holds the most: a tensor and what it becomes.
+    fn sample_memory(&self) -> Result<()> {
+        if let Some(memory) = &self.memory {
+            memory.sample()?;
+        }
+        Ok(())
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -336,23 +457,39 @@ impl<'a> WeightLoader<'a> {
         self.config.architecture == Architecture::ChatGlm
     }
 
-    /// Reads `name`, checks its shape and converts it to the compute dtype.
+    /// Reads `name` onto the device, checks its shape and converts it to the compute dtype.
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.dense_as(name, shape, self.options.dtype)
+        self.dense_as(name, shape, Some(self.options.dtype), &self.options.device)
     }
 
-    /// Dtype to read linear weights in: f32 (exact for any stored float type) when they are to be
-    /// quantized, so quantization sees the checkpoint's own values, else the compute dtype.
-    fn linear_weight_dtype(&self) -> DType {
-        if self.options.quantize.is_some() {
-            DType::F32
-        } else {
-            self.options.dtype
+    /// Dtype to read a weight in that is to be quantized: on the CPU f32 (exact for any stored float
+    /// type), so quantization sees the checkpoint's own values; on a CUDA device the stored dtype,
+    /// which the quantize kernel widens to f32 itself, so the transient copy stays as small as stored.
+    fn to_quantize_dtype(&self) -> Option<DType> {
+        match self.options.device {
+            Device::Cpu => Some(DType::F32),
+            _ => None,
         }
     }
 
-    /// Reads `name`, checks its shape and converts it to `dtype`.
-    fn dense_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    /// Dtype to read decoder linear weights in: see [`Self::to_quantize_dtype`] when they are to be
+    /// quantized, else the compute dtype.
+    fn linear_weight_dtype(&self) -> Option<DType> {
+        if self.options.quantize.is_some() {
+            self.to_quantize_dtype()
+        } else {
+            Some(self.options.dtype)
+        }
+    }
+
+    /// Reads `name` onto `device`, checks its shape and converts it to `dtype` (None: as stored).
+    fn dense_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let view = self.checkpoint.view(name)?;
         let path = self.path_of(name);
         if view.shape() != shape {
@@ -363,9 +500,16 @@ impl<'a> WeightLoader<'a> {
                 expected: shape.to_vec(),
             });
         }
-        self.used.borrow_mut().insert(name.to_string());
-        let tensor = view_to_tensor(name, &path, &view, &self.options.device)?;
-        Ok(tensor.to_dtype(dtype)?)
+        self.mark_read(name);
+        let stored = view_to_tensor(name, &path, &view, device)?;
+        self.checkpoint.release(name);
+        let converted = match dtype {
+            Some(dtype) => stored.to_dtype(dtype)?,
+            None => stored.clone(),
+        };
+        // Both copies are alive here: the load's peak.
+        self.sample_memory()?;
+        Ok(converted)
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
@@ -375,13 +519,53 @@ impl<'a> WeightLoader<'a> {
             .unwrap_or_else(|| self.checkpoint.dir().to_path_buf())
     }
 
-    pub(crate) fn embed_tokens(&self) -> Result<Tensor> {
-        let name = if self.chatglm() {
+    fn embed_name(&self) -> String {
+        if self.chatglm() {
             "transformer.embedding.word_embeddings.weight".to_string()
         } else {
             format!("{}embed_tokens.weight", self.prefix)
+        }
+    }
+
+    /// The embedding table, on the device or, with `embeddings_on_host`, in host memory.
+    pub(crate) fn embed_tokens(&self) -> Result<Tensor> {
+        let device = if self.options.embeddings_on_host {
+            &Device::Cpu
+        } else {
+            &self.options.device
         };
-        self.dense(&name, &[self.config.vocab_size, self.config.hidden_size])
+        self.dense_as(
+            &self.embed_name(),
+            &[self.config.vocab_size, self.config.hidden_size],
+            Some(self.options.dtype),
+            device,
+        )
+    }
+
+    /// The 4-bit options for the lm_head, when it is to be quantized: the load's, or those the
+    /// checkpoint was quantized with.
+    fn lm_head_quantization(&self) -> Result<Option<nf4::QuantOptions>> {
+        if !self.options.quantize_lm_head {
+            return Ok(None);
+        }
+        if let Some(opts) = self.options.quantize {
+            return Ok(Some(opts));
+        }
+        self.config
+            .quantization
+            .as_ref()
+            .map(|q| q.quant_options())
+            .transpose()
+            .map_err(|e| GlmError::Input(format!("quantization_config of config.json: {e}")))
+    }
+
+    /// True when the output projection is a weight of its own on the device, also for a model whose
+    /// head is tied to the embedding table (kept in host memory, or quantized).
+    fn separate_lm_head(&self) -> bool {
+        !self.config.tie_word_embeddings
+            || (self.options.embeddings_on_host && !self.options.device.is_cpu())
+            || (self.options.quantize_lm_head
+                && (self.options.quantize.is_some() || self.config.quantization.is_some()))
     }
 
     pub(crate) fn final_norm(&self) -> Result<Tensor> {
@@ -393,19 +577,32 @@ impl<'a> WeightLoader<'a> {
         self.dense(&name, &[self.config.hidden_size])
     }
 
-    /// The output projection, or None when it is tied to the embedding table.
+    /// The output projection, or None when it is the embedding table on the device.
     pub(crate) fn lm_head(&self) -> Result<Option<Linear>> {
-        if self.config.tie_word_embeddings {
+        if !self.separate_lm_head() {
             return Ok(None);
         }
-        let name = if self.chatglm() {
-            "transformer.output_layer.weight"
+        let name = if self.config.tie_word_embeddings {
+            self.embed_name()
+        } else if self.chatglm() {
+            "transformer.output_layer.weight".to_string()
         } else {
-            "lm_head.weight"
+            "lm_head.weight".to_string()
         };
-        // Kept dense, as bitsandbytes keeps it.
-        let weight = self.dense(name, &[self.config.vocab_size, self.config.hidden_size])?;
-        Ok(Some(Linear::dense(weight, None)?))
+        let shape = [self.config.vocab_size, self.config.hidden_size];
+        match self.lm_head_quantization()? {
+            Some(opts) => {
+                let weight = self.dense_as(
+                    &name,
+                    &shape,
+                    self.to_quantize_dtype(),
+                    &self.options.device,
+                )?;
+                Ok(Some(self.quantized_linear(weight, None, &name, &opts)?))
+            }
+            // Kept dense by default, as bitsandbytes keeps it.
+            None => Ok(Some(Linear::dense(self.dense(&name, &shape)?, None)?)),
+        }
     }
 
     fn layer_prefix(&self, layer: usize) -> String {
@@ -489,6 +686,7 @@ impl<'a> WeightLoader<'a> {
             &format!("{base}.weight"),
             &[rows, c.hidden_size],
             self.linear_weight_dtype(),
+            &self.options.device,
         )?;
         let bias = if c.attention_bias {
             Some(self.dense(&format!("{base}.bias"), &[rows])?)
@@ -556,29 +754,79 @@ impl<'a> WeightLoader<'a> {
                     expected: vec![out, inp],
                 });
             }
-            return Linear::nf4(packed, self.options.dtype, &self.options.device, bias);
+            return self.packed_linear(packed, bias, &name);
         }
-        let weight = self.dense_as(&name, &[out, inp], self.linear_weight_dtype())?;
+        let weight = self.dense_as(
+            &name,
+            &[out, inp],
+            self.linear_weight_dtype(),
+            &self.options.device,
+        )?;
         self.make_linear(weight, bias, base)
     }
 
     /// Wraps a weight read in [`Self::linear_weight_dtype`]: quantized when the options ask for 4 bits,
     /// else as it is.
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>, base: &str) -> Result<Linear> {
-        let Some(opts) = &self.options.quantize else {
-            return Linear::dense(weight, bias);
-        };
+        match &self.options.quantize {
+            Some(opts) => self.quantized_linear(weight, bias, &format!("{base}.weight"), opts),
+            None => Linear::dense(weight, bias),
+        }
+    }
+
+    /// A 4-bit layer from the weight `name` read in [`Self::to_quantize_dtype`], quantized where it
+    /// lies; the full-precision copy is dropped on return.
+    fn quantized_linear(
+        &self,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        name: &str,
+        opts: &nf4::QuantOptions,
+    ) -> Result<Linear> {
+        #[cfg(feature = "cuda")]
+        if weight.device().is_cuda() {
+            let packed = glm_kernels::CudaNf4Tensor::quantize(name, &weight, opts)
+                .map_err(crate::gpu::kernel_error)?;
+            // The dense weight and its codes are both alive here.
+            self.sample_memory()?;
+            return Linear::cuda_nf4(packed, self.options.dtype, bias);
+        }
         let shape = weight.dims().to_vec();
         // The checkpoint's values in f32 (exact for bf16/f16), so the codes equal what bitsandbytes
         // computes from the checkpoint loaded in its own dtype.
         let values = weight.flatten_all()?.to_vec1::<f32>()?;
         let packed = nf4::Nf4Tensor::quantize_f32(&values, &shape, opts).map_err(|source| {
             GlmError::Nf4 {
-                name: format!("{base}.weight"),
-                path: self.path_of(&format!("{base}.weight")),
+                name: name.to_string(),
+                path: self.path_of(name),
                 source: Box::new(source),
             }
         })?;
+        self.packed_linear(packed, bias, name)
+    }
+
+    /// A 4-bit layer from packed codes in host memory: kept there on the CPU, uploaded as they are to
+    /// a CUDA device (no re-quantizing).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn packed_linear(
+        &self,
+        packed: nf4::Nf4Tensor,
+        bias: Option<Tensor>,
+        name: &str,
+    ) -> Result<Linear> {
+        #[cfg(feature = "cuda")]
+        if self.options.device.is_cuda() {
+            let host = glm_kernels::HostNf4::from_nf4(name, &packed).map_err(|e| {
+                GlmError::Safetensors {
+                    path: self.path_of(name),
+                    reason: e.to_string(),
+                }
+            })?;
+            let uploaded = glm_kernels::CudaNf4Tensor::upload(&host, &self.options.device)
+                .map_err(crate::gpu::kernel_error)?;
+            self.sample_memory()?;
+            return Linear::cuda_nf4(uploaded, self.options.dtype, bias);
+        }
         Linear::nf4(packed, self.options.dtype, &self.options.device, bias)
     }
 
@@ -589,12 +837,18 @@ impl<'a> WeightLoader<'a> {
             path: self.path_of(name),
             source: Box::new(source),
         };
+        let read = RefCell::new(Vec::new());
         let lookup = |key: &str| -> Option<TensorView<'a>> {
             let view = self.checkpoint.view(key).ok()?;
-            self.used.borrow_mut().insert(key.to_string());
+            self.mark_read(key);
+            read.borrow_mut().push(key.to_string());
             Some(view)
         };
         let packed = nf4::Nf4Tensor::read(name, lookup).map_err(nf4_error)?;
+        // The packed codes and their state are copies now.
+        for key in read.into_inner() {
+            self.checkpoint.release(&key);
+        }
         // Packed bytes without a quant state cannot be decoded: say so rather than report a bad shape.
         if packed.is_none()
             && self.config.quantization.is_some()
@@ -613,7 +867,7 @@ impl<'a> WeightLoader<'a> {
 
     /// Checkpoint tensors the decoder did not read, summarised for the load report. Vision weights of
     /// GLM-4.1V and ChatGLM's stored rotary table are expected; anything else is listed.
-    pub(crate) fn unused_report(&self) -> Vec<String> {
+    fn unused_report(&self) -> Vec<String> {
         let used = self.used.borrow();
         let mut vision = 0usize;
         let mut other: Vec<&str> = Vec::new();
@@ -621,7 +875,7 @@ impl<'a> WeightLoader<'a> {
             if used.contains(name) || name == "transformer.rotary_pos_emb.inv_freq" {
                 continue;
             }
-            if name.starts_with("model.visual.") || name.starts_with("visual.") {
+            if is_vision(name) {
                 vision += 1;
             } else {
                 other.push(name);
@@ -648,5 +902,49 @@ impl<'a> WeightLoader<'a> {
             ));
         }
         notes
+    }
+}
+
+/// A tensor of GLM-4.1V's vision tower, which the text decoder does not read.
+fn is_vision(name: &str) -> bool {
+    name.starts_with("model.visual.") || name.starts_with("visual.")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::model::Model;
+
+    #[test]
+    fn progress_counts_every_byte_read_up_to_the_checkpoint_size() {
+        // The sharded fixture: two files, every tensor read once.
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/models/glm"
+        );
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let options = LoadOptions {
+            progress: Some(LoadProgress::new(move |read, total| {
+                record.lock().unwrap().push((read, total));
+            })),
+            ..LoadOptions::default()
+        };
+        Model::load(dir, &options).unwrap();
+        let checkpoint = Checkpoint::open(dir).unwrap();
+        let size: u64 = checkpoint
+            .tensor_names()
+            .map(|n| checkpoint.stored_bytes(n))
+            .sum();
+        let seen = seen.lock().unwrap();
+        // One call per tensor, then the final one.
+        assert_eq!(seen.len(), checkpoint.tensor_names().count() + 1);
+        assert!(seen.iter().all(|&(_, total)| total == size));
+        let reads = &seen[..seen.len() - 1];
+        assert!(reads.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(seen[seen.len() - 2], (size, size), "every byte counted");
+        assert_eq!(seen.last(), Some(&(size, size)));
     }
 }

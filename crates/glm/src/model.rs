@@ -12,6 +12,10 @@
 //! embeddings on the first `rotary_dim` dimensions of each head with interleaved pairs (GLM's
 //! `rotate_half` pairs x[2i] with x[2i+1]: candle's `rope_i`), tables built in f32. MLP: fused
 //! `gate_up_proj` (first half gate), silu(gate) × up, then `down_proj`. RMSNorm in f32.
+//!
+//! On a CUDA device the KV cache is allocated once for the planned context and written in place, and a
+//! long prompt is prefilled in chunks of [`PREFILL_CHUNK`] queries, so that no step needs more than the
+//! memory plan counted; an allocation that fails anyway is reported as [`GlmError::OutOfMemory`].
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
@@ -21,8 +25,10 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::error::{GlmError, Result};
+use crate::gpu::{self, MeasuredMemory, MemoryTracker};
 use crate::linear::Linear;
 use crate::loader::{Checkpoint, LayerNorm, LayerProj, LoadOptions, WeightLoader};
+use crate::plan::{human_bytes, PREFILL_CHUNK};
 
 /// RMSNorm as transformers computes it: normalize in f32, cast back, then scale by the weight.
 #[derive(Debug, Clone)]
@@ -86,18 +92,25 @@ impl Rotary {
     }
 }
 
-/// Keys and values of every layer for the tokens seen so far, for a batch of equal-length sequences.
+/// Keys and values of every layer for the tokens seen so far, for a batch of equal-length sequences,
+/// each `[batch, kv heads, tokens, head_dim]`.
+///
+/// Either grown by concatenation at each step, or, with a capacity, allocated once at the first step
+/// for that many tokens and written in place (the decode loop then allocates nothing for it).
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// Growing: the keys and values so far. With a capacity: the whole buffers.
     layers: Vec<Option<(Tensor, Tensor)>>,
     seq_len: usize,
+    capacity: Option<usize>,
 }
 
 impl KvCache {
-    fn new(num_layers: usize) -> Self {
+    fn new(num_layers: usize, capacity: Option<usize>) -> Self {
         Self {
             layers: vec![None; num_layers],
             seq_len: 0,
+            capacity,
         }
     }
 
@@ -106,7 +119,12 @@ impl KvCache {
         self.seq_len
     }
 
-    /// Bytes held by the cached keys and values.
+    /// Tokens the cache was allocated for; None when it grows.
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    /// Bytes held by the keys and values (for a cache with a capacity, all of it once allocated).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
@@ -117,12 +135,40 @@ impl KvCache {
 
     /// Appends this step's keys/values for `layer` and returns everything cached for it.
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let Some(capacity) = self.capacity else {
+            let (k, v) = match self.layers[layer].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            self.layers[layer] = Some((k.clone(), v.clone()));
+            return Ok((k, v));
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let (keys, values) = match &self.layers[layer] {
+            Some(buffers) => buffers.clone(),
+            None => {
+                let (b, heads, _, head_dim) = k.dims4()?;
+                let shape = (b, heads, capacity, head_dim);
+                let buffers = (
+                    Tensor::zeros(shape, k.dtype(), k.device())?,
+                    Tensor::zeros(shape, v.dtype(), v.device())?,
+                );
+                self.layers[layer] = Some(buffers.clone());
+                buffers
+            }
+        };
+        keys.slice_set(&k, 2, self.seq_len)?;
+        values.slice_set(&v, 2, self.seq_len)?;
+        // Views of the filled positions: the attention matmuls read them through their strides.
+        let t = self.seq_len + k.dim(2)?;
+        Ok((keys.narrow(2, 0, t)?, values.narrow(2, 0, t)?))
+    }
+
+    /// The batch size the cache holds, once it holds anything.
+    fn batch(&self) -> Result<Option<usize>> {
+        Ok(match self.layers.iter().flatten().next() {
+            Some((k, _)) => Some(k.dim(0)?),
+            None => None,
+        })
     }
 }
 
@@ -298,6 +344,9 @@ pub struct Model {
     rotary: Rotary,
     dtype: DType,
     device: Device,
+    kv_capacity: Option<usize>,
+    /// Device memory since the load began (CUDA only).
+    memory: Option<MemoryTracker>,
     notes: Vec<String>,
 }
 
@@ -316,9 +365,18 @@ impl Model {
         checkpoint: &Checkpoint,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let loader = WeightLoader::new(checkpoint, config, options)?;
-        let mut model = Self::from_loader(&loader)?;
-        model.notes = loader.unused_report();
+        let load = || -> Result<Self> {
+            let loader = WeightLoader::new(checkpoint, config, options)?;
+            let mut model = Self::from_loader(&loader)?;
+            model.kv_capacity = options.kv_capacity;
+            (model.memory, model.notes) = loader.finish()?;
+            Ok(model)
+        };
+        let mut model = load().map_err(|e| {
+            gpu::explain_out_of_memory(e, &options.device, || {
+                format!("loading {}", checkpoint.dir().display())
+            })
+        })?;
         if options.quantize.is_some() && config.quantization.is_some() {
             model.notes.push(
                 "the checkpoint is already quantized to 4 bits: its stored weights are used as they are"
@@ -355,6 +413,8 @@ impl Model {
             dtype: w.dtype(),
             device: w.device().clone(),
             config,
+            kv_capacity: None,
+            memory: None,
             notes: Vec::new(),
         })
     }
@@ -372,12 +432,20 @@ impl Model {
         &self.device
     }
 
-    /// An empty cache for a new batch of sequences.
+    /// An empty cache for a new batch of sequences: allocated at the first step for the load's
+    /// `kv_capacity` tokens, or growing without one.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::new(self.layers.len(), self.kv_capacity)
     }
 
-    /// Bytes of every weight as held in memory (NF4 weights counted packed).
+    /// Device memory the model used, from the driver (CUDA only): after the load, the load's peak, and
+    /// the peak since (KV cache and prefill included).
+    pub fn measured_memory(&self) -> Option<MeasuredMemory> {
+        self.memory.as_ref().map(MemoryTracker::measured)
+    }
+
+    /// Bytes of every weight held on the model's device (NF4 weights counted packed; an embedding table
+    /// kept in host memory is not counted).
     pub fn weight_bytes(&self) -> usize {
         let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let layers: usize = self
@@ -399,7 +467,12 @@ impl Model {
                     + l.mlp.down_proj.weight_bytes()
             })
             .sum();
-        tensor_bytes(&self.embed_tokens)
+        let embedding = if self.embed_tokens.device().same_device(&self.device) {
+            tensor_bytes(&self.embed_tokens)
+        } else {
+            0
+        };
+        embedding
             + layers
             + tensor_bytes(&self.norm.weight)
             + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
@@ -408,15 +481,44 @@ impl Model {
     /// Runs `input_ids` [batch, seq] (u32) after what `cache` holds and returns the f32 logits of the
     /// last position, [batch, vocab]. The first call with an empty cache is the prefill.
     pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, cache)?;
-        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        self.logits(&last)
+        self.explained(input_ids, || {
+            let hidden = self.hidden_states(input_ids, cache, false)?;
+            let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+            self.logits(&last)
+        })
     }
 
     /// As [`Model::forward`], but the logits of every position: [batch, seq, vocab].
     pub fn forward_all(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, cache)?;
-        self.logits(&hidden)
+        self.explained(input_ids, || {
+            let hidden = self.hidden_states(input_ids, cache, true)?;
+            self.logits(&hidden)
+        })
+    }
+
+    /// Runs a forward step, samples the device memory after a prefill, and reports a failed device
+    /// allocation with numbers.
+    fn explained(
+        &self,
+        input_ids: &Tensor,
+        step: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let tokens = input_ids.elem_count();
+        let result = step().and_then(|logits| {
+            if let Some(memory) = self.memory.as_ref().filter(|_| tokens > 1) {
+                memory.sample()?;
+            }
+            Ok(logits)
+        });
+        result.map_err(|e| {
+            gpu::explain_out_of_memory(e, &self.device, || {
+                format!(
+                    "a forward step over {} token ids (model weights {})",
+                    input_ids.elem_count(),
+                    human_bytes(self.weight_bytes() as u64)
+                )
+            })
+        })
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -427,15 +529,42 @@ impl Model {
         Ok(logits.to_dtype(DType::F32)?)
     }
 
-    fn hidden_states(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// Final hidden states of every position (`all`) or of the last chunk of at most [`PREFILL_CHUNK`]
+    /// positions, whose last row is the last position.
+    fn hidden_states(&self, input_ids: &Tensor, cache: &mut KvCache, all: bool) -> Result<Tensor> {
         let (b, s) = self.check_input(input_ids, cache)?;
-        // A failure part-way through the layers must not leave the cache half-extended.
-        let saved = cache.layers.clone();
-        let result = self.run_layers(input_ids, b, s, cache);
+        // A failure part-way through must not leave the cache half-extended.
+        let saved = (cache.layers.clone(), cache.seq_len);
+        let result = self.run_chunks(input_ids, b, s, cache, all);
         if result.is_err() {
-            cache.layers = saved;
+            (cache.layers, cache.seq_len) = saved;
         }
         result
+    }
+
+    /// A long prompt in chunks of [`PREFILL_CHUNK`] queries, each attending to the cache and itself,
+    /// so the attention scores stay within what the memory plan counted.
+    fn run_chunks(
+        &self,
+        input_ids: &Tensor,
+        b: usize,
+        s: usize,
+        cache: &mut KvCache,
+        all: bool,
+    ) -> Result<Tensor> {
+        let mut kept = Vec::new();
+        for start in (0..s).step_by(PREFILL_CHUNK) {
+            let len = PREFILL_CHUNK.min(s - start);
+            let ids = input_ids.narrow(1, start, len)?;
+            let hidden = self.run_layers(&ids, b, len, cache)?;
+            if all || start + len == s {
+                kept.push(hidden);
+            }
+        }
+        Ok(match kept.len() {
+            1 => kept.remove(0),
+            _ => Tensor::cat(&kept, 1)?,
+        })
     }
 
     fn run_layers(
@@ -446,11 +575,15 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let offset = cache.seq_len;
-        let ids = input_ids.to_device(&self.device)?.flatten_all()?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((b, s, self.config.hidden_size))?;
+        // The lookup runs where the table is (host memory or the device); the rows go to the device.
+        let ids = input_ids
+            .to_device(self.embed_tokens.device())?
+            .flatten_all()?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, s, self.config.hidden_size))?
+            .to_device(&self.device)?;
         let tables = self.rotary.tables(offset, s, self.dtype)?;
         let mask = if s > 1 {
             Some(causal_mask(s, offset, &self.device)?)
@@ -487,13 +620,17 @@ impl Model {
                 "the KV cache belongs to a different model".into(),
             ));
         }
-        if let Some((k, _)) = cache.layers.iter().flatten().next() {
-            if k.dim(0)? != b {
-                return Err(GlmError::Input(format!(
-                    "batch of {b} sequences, but the KV cache holds {}",
-                    k.dim(0)?
-                )));
-            }
+        if let Some(held) = cache.batch()?.filter(|&held| held != b) {
+            return Err(GlmError::Input(format!(
+                "batch of {b} sequences, but the KV cache holds {held}"
+            )));
+        }
+        if let Some(capacity) = cache.capacity.filter(|&c| cache.seq_len + s > c) {
+            return Err(GlmError::Input(format!(
+                "{} cached + {s} new tokens exceed the KV cache's capacity of {capacity} tokens: plan \
+                 a longer context (--context)",
+                cache.seq_len
+            )));
         }
         let max = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max as usize >= self.config.vocab_size {
@@ -521,4 +658,108 @@ fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Tensor> {
         })
         .collect();
     Ok(Tensor::from_vec(mask, (s, t), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_model(kv_capacity: Option<usize>) -> Model {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/models/glm4"
+        );
+        let options = LoadOptions {
+            kv_capacity,
+            ..LoadOptions::default()
+        };
+        Model::load(dir, &options).unwrap()
+    }
+
+    fn ids(tokens: &[u32]) -> Tensor {
+        Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Token ids spread over the fixture's vocabulary of 320.
+    fn prompt(len: usize) -> Vec<u32> {
+        (0..len as u32).map(|i| (i * 37 + 11) % 320).collect()
+    }
+
+    #[test]
+    fn preallocated_cache_gives_the_growing_caches_logits() {
+        let growing = fixture_model(None);
+        let preallocated = fixture_model(Some(16));
+        let (mut a, mut b) = (growing.new_cache(), preallocated.new_cache());
+        let tokens = prompt(12);
+        let first = growing.forward(&ids(&tokens[..7]), &mut a).unwrap();
+        let second = preallocated.forward(&ids(&tokens[..7]), &mut b).unwrap();
+        assert!(max_diff(&first, &second) < 1e-5);
+        for &t in &tokens[7..] {
+            let first = growing.forward(&ids(&[t]), &mut a).unwrap();
+            let second = preallocated.forward(&ids(&[t]), &mut b).unwrap();
+            assert!(max_diff(&first, &second) < 1e-5);
+        }
+        // Allocated once, for the whole capacity: 2 layers × (k, v) × 2 kv heads × 16 × 48 × f32.
+        assert_eq!(b.capacity(), Some(16));
+        assert_eq!(b.bytes(), 2 * 2 * 2 * 16 * 48 * 4);
+        assert_eq!(b.seq_len(), 12);
+
+        // Past the capacity: an error that names it, and the cache as it was.
+        let err = preallocated.forward(&ids(&prompt(5)), &mut b).unwrap_err();
+        assert!(err.to_string().contains("capacity of 16"), "{err}");
+        assert_eq!(b.seq_len(), 12);
+        preallocated.forward(&ids(&prompt(4)), &mut b).unwrap();
+        assert_eq!(b.seq_len(), 16);
+    }
+
+    #[test]
+    fn long_prompts_are_prefilled_in_chunks_with_the_same_result() {
+        let model = fixture_model(Some(PREFILL_CHUNK + 100));
+        let tokens = prompt(PREFILL_CHUNK + 88);
+        // In chunks of PREFILL_CHUNK inside one call, and split elsewhere over two calls.
+        let mut cache = model.new_cache();
+        let all = model.forward_all(&ids(&tokens), &mut cache).unwrap();
+        assert_eq!(all.dims(), [1, tokens.len(), 320]);
+        assert_eq!(cache.seq_len(), tokens.len());
+        let mut split = model.new_cache();
+        let half = tokens.len() / 2;
+        let head = model
+            .forward_all(&ids(&tokens[..half]), &mut split)
+            .unwrap();
+        let tail = model
+            .forward_all(&ids(&tokens[half..]), &mut split)
+            .unwrap();
+        let joined = Tensor::cat(&[head, tail], 1).unwrap();
+        let scale = all
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_diff(&all, &joined);
+        assert!(diff <= 1e-5 * scale, "{diff} vs scale {scale}");
+        // `forward` returns the last position's logits of the same run.
+        let last = model
+            .forward(&ids(&tokens), &mut model.new_cache())
+            .unwrap();
+        let want = all.get(0).unwrap().get(tokens.len() - 1).unwrap();
+        assert!(max_diff(&last.squeeze(0).unwrap(), &want) <= 1e-5 * scale);
+    }
 }

@@ -21,9 +21,10 @@ use candle_core::{DType, Device};
 use crate::config::Config;
 use crate::error::{GlmError, Result};
 use crate::generate::generate;
-use crate::loader::LoadOptions;
+use crate::gpu::{self, MeasuredMemory};
+use crate::loader::{LoadOptions, LoadProgress};
 use crate::model::Model;
-use crate::plan::{self, MemoryBudget, MemoryPlan, PlanRequest, Precision, QuantMode};
+use crate::plan::{self, human_bytes, MemoryBudget, MemoryPlan, PlanRequest, Precision, QuantMode};
 use crate::sampling::{FinishReason, Sampler, SamplingConfig, StopCondition};
 use crate::tokenizer::GlmTokenizer;
 
@@ -47,6 +48,12 @@ pub struct RunOptions {
     pub memory_limit: Option<u64>,
     /// How weights are quantized when the plan picks 4 bits for a dense checkpoint.
     pub nf4: nf4::QuantOptions,
+    /// With 4-bit weights, quantize the lm_head too (`--quantize-lm-head`).
+    pub quantize_lm_head: bool,
+    /// On a CUDA device, keep the embedding table in host memory (`--embeddings-on-host`).
+    pub embeddings_on_host: bool,
+    /// Told `(bytes read, bytes to read)` as the load goes.
+    pub progress: Option<LoadProgress>,
 }
 
 impl Default for RunOptions {
@@ -58,6 +65,9 @@ impl Default for RunOptions {
             context_len: None,
             memory_limit: None,
             nf4: nf4::QuantOptions::default(),
+            quantize_lm_head: false,
+            embeddings_on_host: false,
+            progress: None,
         }
     }
 }
@@ -144,12 +154,18 @@ impl Glm {
         let config = Config::from_model_dir(dir)?;
         let plan = plan_for(&config, options)?;
         let tokenizer = GlmTokenizer::from_dir(dir)?;
+        let cuda = options.device.is_cuda();
         let load = LoadOptions {
             dtype: options.dtype,
             device: options.device.clone(),
             // A pre-quantized checkpoint is read as stored; a dense one is quantized at load.
             quantize: (plan.choice == Precision::Nf4 && config.quantization.is_none())
                 .then_some(options.nf4),
+            quantize_lm_head: options.quantize_lm_head,
+            embeddings_on_host: options.embeddings_on_host,
+            // On the GPU the cache is allocated once for the planned context.
+            kv_capacity: cuda.then_some(plan.context_len),
+            progress: options.progress.clone(),
         };
         let model = Model::load(dir, &load)?;
         Ok(Self {
@@ -179,6 +195,12 @@ impl Glm {
 
     pub fn load_time(&self) -> Duration {
         self.load_time
+    }
+
+    /// Device memory measured with the driver beside the plan (CUDA only): after the load, the load's
+    /// peak, and the peak so far.
+    pub fn measured_memory(&self) -> Option<MeasuredMemory> {
+        self.model.measured_memory()
     }
 
     /// The prompt's token ids as the model sees them.
@@ -272,21 +294,32 @@ fn plan_for(config: &Config, options: &RunOptions) -> Result<MemoryPlan> {
             .map_err(|e| GlmError::Input(format!("quantization_config of config.json: {e}")))?,
         None => options.nf4,
     };
+    let cuda = options.device.is_cuda();
     let request = PlanRequest {
         dtype: options.dtype,
         context_len,
         batch: 1,
         nf4,
-        runtime_overhead: 0,
+        runtime_overhead: if cuda { plan::CUDA_RUNTIME_OVERHEAD } else { 0 },
+        quantize_lm_head: options.quantize_lm_head,
+        embeddings_on_host: options.embeddings_on_host && cuda,
+        separate_device_memory: cuda,
     };
     MemoryPlan::new(config, &request, options.quant, memory_budget(options)?)
 }
 
 /// The usable memory: the device's available memory, capped by the option or the environment.
 fn memory_budget(options: &RunOptions) -> Result<Option<MemoryBudget>> {
-    let device = match options.device {
+    let device = match &options.device {
         Device::Cpu => plan::host_memory_budget(),
-        _ => None,
+        device => gpu::device_memory(device)?.map(|m| MemoryBudget {
+            usable: m.free,
+            source: format!(
+                "free memory of CUDA device {} (driver; {} in all)",
+                device_ordinal(device),
+                human_bytes(m.total)
+            ),
+        }),
     };
     let limit = match (options.memory_limit, std::env::var(MEMORY_LIMIT_ENV)) {
         (Some(bytes), _) => Some((bytes, "--memory-limit".to_string())),
@@ -305,4 +338,12 @@ fn memory_budget(options: &RunOptions) -> Result<Option<MemoryBudget>> {
         }),
         (None, None) => None,
     })
+}
+
+/// The ordinal of a CUDA device, for messages.
+fn device_ordinal(device: &Device) -> usize {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => 0,
+    }
 }

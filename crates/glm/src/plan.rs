@@ -4,7 +4,8 @@
 //! Weight sizes follow from `config.json` alone (the loader checks every tensor's shape against the same
 //! config), so a plan costs nothing but reading that file. The rule for `--quant auto`: dense when the
 //! dense total fits the usable memory with a safety margin, NF4 when only that fits, else an error that
-//! says how much is missing and what would fit.
+//! says how much is missing and which option would fit (4 bits, a 4-bit lm_head, the embedding table
+//! in host memory, a shorter context).
 
 use std::fmt;
 
@@ -45,9 +46,14 @@ impl fmt::Display for Precision {
 /// estimates that run short.
 pub const SAFETY_MARGIN: f64 = 0.9;
 
-/// Tokens the prefill processes in one step; longer prompts are bounded by this for the activation
-/// estimate.
+/// Tokens the prefill processes in one step: longer prompts are run in chunks of this many queries,
+/// which bounds the activations.
 pub const PREFILL_CHUNK: usize = 512;
+
+/// Device memory the CUDA runtime takes beyond what the plan counts piece by piece: cuBLAS workspaces,
+/// loaded kernel modules, the allocator's rounding. The CUDA context itself is already excluded from
+/// the free memory the driver reports once the device is open.
+pub const CUDA_RUNTIME_OVERHEAD: u64 = 512 << 20;
 
 /// What the plan is for.
 #[derive(Debug, Clone)]
@@ -62,18 +68,26 @@ pub struct PlanRequest {
     pub nf4: nf4::QuantOptions,
     /// Bytes the runtime itself takes on the device (CUDA context, cuBLAS workspace); 0 on the CPU.
     pub runtime_overhead: u64,
+    /// With 4-bit weights, quantize the lm_head too (a tied head gets a 4-bit copy of its own).
+    pub quantize_lm_head: bool,
+    /// The embedding table stays in host memory, off the device (a tied head gets a copy on it).
+    pub embeddings_on_host: bool,
+    /// The device has memory of its own (CUDA), so keeping the embedding table in host memory saves
+    /// some: error messages then suggest it.
+    pub separate_device_memory: bool,
 }
 
 /// Bytes of one way of holding the model, by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Footprint {
+    /// 0 when the table is kept in host memory, off the device.
     pub embedding: u64,
     /// q/k/v/o projections with their biases.
     pub attention: u64,
     /// gate_up and down projections.
     pub mlp: u64,
     pub norms: u64,
-    /// 0 when tied to the embedding.
+    /// 0 when tied to the embedding table on the device.
     pub lm_head: u64,
     pub kv_cache: u64,
     pub activations: u64,
@@ -129,6 +143,16 @@ impl MemoryPlan {
         let nf4 = footprint(config, request, Precision::Nf4)?;
         let prequantized = config.quantization.is_some();
         let (choice, reason) = decide(&dense, &nf4, mode, prequantized, budget.as_ref())?;
+        if let Some(b) = budget.as_ref() {
+            let chosen = if choice == Precision::Dense {
+                &dense
+            } else {
+                &nf4
+            };
+            if !fits(chosen, b) {
+                return Err(out_of_memory(config, request, choice, chosen, b));
+            }
+        }
         Ok(Self {
             dense,
             nf4,
@@ -149,6 +173,12 @@ impl MemoryPlan {
     }
 }
 
+/// True when `f` fits `budget` with the safety margin.
+fn fits(f: &Footprint, budget: &MemoryBudget) -> bool {
+    f.total() as f64 <= budget.usable as f64 * SAFETY_MARGIN
+}
+
+/// The decision for `mode` (the chosen footprint is checked against the budget afterwards).
 fn decide(
     dense: &Footprint,
     nf4: &Footprint,
@@ -156,8 +186,7 @@ fn decide(
     prequantized: bool,
     budget: Option<&MemoryBudget>,
 ) -> Result<(Precision, String)> {
-    let fits =
-        |f: &Footprint| budget.is_none_or(|b| f.total() as f64 <= b.usable as f64 * SAFETY_MARGIN);
+    let fits = |f: &Footprint| budget.is_none_or(|b| fits(f, b));
     let within = |f: &Footprint| match budget {
         Some(b) => format!(
             "{} of the {} usable ({})",
@@ -199,29 +228,134 @@ fn decide(
                 ),
             ),
         };
-    let chosen = match choice {
-        Precision::Dense => dense,
-        Precision::Nf4 => nf4,
-    };
-    if let Some(b) = budget.filter(|_| !fits(chosen)) {
-        let needed = chosen.total() as f64 / SAFETY_MARGIN;
-        let missing = (needed - b.usable as f64).max(0.0) as u64;
-        let hint = if choice == Precision::Dense {
-            "try --quant 4bit or a shorter --context"
-        } else {
-            "try a shorter --context, a smaller batch, or a device with more memory"
-        };
-        return Err(GlmError::OutOfMemory(format!(
-            "the {choice} model needs {} (with a {:.0}% safety margin) but only {} is usable ({}): \
-             {} missing; {hint}",
-            human_bytes(needed as u64),
-            (1.0 - SAFETY_MARGIN) * 100.0,
-            human_bytes(b.usable),
-            b.source,
-            human_bytes(missing)
-        )));
-    }
     Ok((choice, reason))
+}
+
+/// The error for a `chosen` footprint that does not fit: how much is missing, and each option that
+/// alone would fit, then the longest context that fits as asked or, failing that, with every option.
+fn out_of_memory(
+    config: &Config,
+    request: &PlanRequest,
+    choice: Precision,
+    chosen: &Footprint,
+    budget: &MemoryBudget,
+) -> GlmError {
+    let needed = |f: &Footprint| (f.total() as f64 / SAFETY_MARGIN) as u64;
+    let missing = needed(chosen).saturating_sub(budget.usable);
+    let every_option = PlanRequest {
+        quantize_lm_head: true,
+        embeddings_on_host: request.embeddings_on_host || request.separate_device_memory,
+        ..request.clone()
+    };
+    // Each option alone as (request with it, precision with it).
+    let mut options = Vec::new();
+    if choice == Precision::Dense {
+        options.push((request.clone(), Precision::Nf4));
+    }
+    if !request.quantize_lm_head {
+        let with = PlanRequest {
+            quantize_lm_head: true,
+            ..request.clone()
+        };
+        options.push((with, Precision::Nf4));
+    }
+    if every_option.embeddings_on_host && !request.embeddings_on_host {
+        let with = PlanRequest {
+            embeddings_on_host: true,
+            ..request.clone()
+        };
+        options.push((with, Precision::Nf4));
+    }
+    let mut fitting: Vec<String> = options
+        .iter()
+        .filter_map(|(r, p)| {
+            let f = footprint(config, r, *p).ok()?;
+            fits(&f, budget).then(|| {
+                format!(
+                    "{}(needs {})",
+                    flags(request, choice, r, *p),
+                    human_bytes(needed(&f))
+                )
+            })
+        })
+        .collect();
+    for (r, p) in [(request, choice), (&every_option, Precision::Nf4)] {
+        if let Some((context, f)) = longest_context(config, r, p, budget) {
+            fitting.push(format!(
+                "{}--context {context} (needs {})",
+                flags(request, choice, r, p),
+                human_bytes(needed(&f))
+            ));
+            break;
+        }
+    }
+    let advice = if fitting.is_empty() {
+        "nothing fits, even in 4 bits with every option and a context of one token: use a device \
+         with more memory"
+            .to_string()
+    } else {
+        format!("would fit: {}", fitting.join("; "))
+    };
+    GlmError::OutOfMemory(format!(
+        "the {choice} model needs {} (with a {:.0}% safety margin) but only {} is usable ({}): {} \
+         missing; {advice}",
+        human_bytes(needed(chosen)),
+        (1.0 - SAFETY_MARGIN) * 100.0,
+        human_bytes(budget.usable),
+        budget.source,
+        human_bytes(missing)
+    ))
+}
+
+/// The command-line flags that turn a plan for (`from`, `from_precision`) into one for (`to`,
+/// `to_precision`), each followed by a space.
+fn flags(
+    from: &PlanRequest,
+    from_precision: Precision,
+    to: &PlanRequest,
+    to_precision: Precision,
+) -> String {
+    let mut flags = String::new();
+    if to_precision != from_precision {
+        flags.push_str("--quant 4bit ");
+    }
+    if to.quantize_lm_head && !from.quantize_lm_head {
+        flags.push_str("--quantize-lm-head ");
+    }
+    if to.embeddings_on_host && !from.embeddings_on_host {
+        flags.push_str("--embeddings-on-host ");
+    }
+    flags
+}
+
+/// The longest context shorter than the requested one that fits the budget, with its footprint.
+fn longest_context(
+    config: &Config,
+    request: &PlanRequest,
+    precision: Precision,
+    budget: &MemoryBudget,
+) -> Option<(usize, Footprint)> {
+    let at = |context_len: usize| {
+        let r = PlanRequest {
+            context_len,
+            ..request.clone()
+        };
+        footprint(config, &r, precision)
+            .ok()
+            .filter(|f| fits(f, budget))
+    };
+    at(1)?;
+    // Footprints grow with the context: bisect for the last length that fits.
+    let (mut fits_at, mut too_long) = (1, request.context_len);
+    while too_long - fits_at > 1 {
+        let mid = fits_at + (too_long - fits_at) / 2;
+        if at(mid).is_some() {
+            fits_at = mid;
+        } else {
+            too_long = mid;
+        }
+    }
+    Some((fits_at, at(fits_at)?))
 }
 
 /// Bytes of every part of the model held at `precision`, for the request.
@@ -259,17 +393,25 @@ pub fn footprint(
     };
     let layers = config.num_hidden_layers as u64;
     let kv_cache = 2 * layers * request.batch as u64 * kv_out * request.context_len as u64 * elem;
+    // bitsandbytes and we keep the output projection dense unless asked otherwise.
+    let quantized_head = request.quantize_lm_head && precision == Precision::Nf4;
+    let lm_head = if quantized_head {
+        linear(vocab, h)?
+    } else if config.tie_word_embeddings && !request.embeddings_on_host {
+        0
+    } else {
+        vocab * h * elem
+    };
     Ok(Footprint {
-        embedding: vocab * h * elem,
-        attention: layers * attention,
-        mlp: layers * mlp,
-        norms: (layers * norms_per_layer + 1) * h * elem,
-        // bitsandbytes and we keep the output projection dense.
-        lm_head: if config.tie_word_embeddings {
+        embedding: if request.embeddings_on_host {
             0
         } else {
             vocab * h * elem
         },
+        attention: layers * attention,
+        mlp: layers * mlp,
+        norms: (layers * norms_per_layer + 1) * h * elem,
+        lm_head,
         kv_cache,
         activations: activation_bytes(config, request),
         overhead: request.runtime_overhead,

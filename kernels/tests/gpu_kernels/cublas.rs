@@ -1,9 +1,9 @@
-//! candle's f16/bf16 matmul on CUDA (cuBLAS) against an f32 CPU matmul of the same rounded inputs.
-
-mod common;
+//! candle's f16/bf16 matmul on CUDA (cuBLAS, the prefill path's second half) against an f32 CPU matmul of the same
+//! rounded inputs.
 
 use candle_core::{DType, Device, Tensor};
-use common::{cuda_device_or_skip, relative_error};
+
+use crate::common::{cuda_device_or_skip, relative_error, to_f64};
 
 /// Runs `lhs · rhs` (rhs given transposed, as a linear layer stores its weight) in `dtype` on the GPU and checks
 /// it against the CPU in f32.
@@ -35,7 +35,7 @@ fn check_matmul(
         .unwrap();
     assert_eq!(got.dtype(), dtype);
     assert_eq!(got.dims(), want.dims());
-    let err = relative_error(&got, &want);
+    let err = relative_error(&to_f64(&got), &to_f64(&want));
     println!("{dtype:?} {lhs_dims:?} x {weight_dims:?}^T: relative error {err:.2e}");
     assert!(
         err < tolerance,
@@ -52,8 +52,8 @@ const SHAPES: &[(&[usize], &[usize])] = &[
 ];
 
 #[test]
-fn matmul_f16_matches_cpu() {
-    let Some(gpu) = cuda_device_or_skip("matmul_f16_matches_cpu") else {
+fn cublas_matmul_f16_matches_cpu() {
+    let Some(gpu) = cuda_device_or_skip("cublas_matmul_f16_matches_cpu") else {
         return;
     };
     for (lhs, weight) in SHAPES {
@@ -63,8 +63,8 @@ fn matmul_f16_matches_cpu() {
 }
 
 #[test]
-fn matmul_bf16_matches_cpu() {
-    let Some(gpu) = cuda_device_or_skip("matmul_bf16_matches_cpu") else {
+fn cublas_matmul_bf16_matches_cpu() {
+    let Some(gpu) = cuda_device_or_skip("cublas_matmul_bf16_matches_cpu") else {
         return;
     };
     for (lhs, weight) in SHAPES {

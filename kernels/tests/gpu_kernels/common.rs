@@ -1,9 +1,11 @@
-//! Shared by the GPU tests (each tests/gpu_*.rs is its own binary and uses what it needs).
-#![allow(dead_code)]
+//! Shared by the GPU test modules.
 
 use std::io::Write;
 
 use candle_core::{DType, Device, Tensor};
+
+/// Weight name used in the tests' NF4 tensors (error messages must name it).
+pub const NAME: &str = "model.layers.0.mlp.down_proj.weight";
 
 /// The CUDA device for a GPU test, or `None` after saying the test was skipped. The message goes straight to
 /// stderr so that `cargo test` shows it even for a passing test. GLM_REQUIRE_GPU=1 (scripts/gpu-run.sh sets it)
@@ -27,19 +29,34 @@ pub fn cuda_device_or_skip(test: &str) -> Option<Device> {
     }
 }
 
-/// ‖got − want‖ / ‖want‖ over all elements, in f64 on the CPU.
-pub fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.to_device(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F64))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f64>())
-            .expect("tensor readable on the CPU")
-    };
-    let (got, want) = (flat(got), flat(want));
+/// Fresh random values (normal, every 997th one a large outlier, one all-zero stretch) for every call.
+pub fn weights(numel: usize) -> Vec<f32> {
+    let mut values: Vec<f32> = Tensor::randn(0f32, 1.0, numel, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for i in (0..numel).step_by(997) {
+        values[i] *= 100.0;
+    }
+    let zeros = numel / 3..(numel / 3 + 300).min(numel);
+    values[zeros].fill(0.0);
+    values
+}
+
+/// All elements of a tensor as f64 on the CPU.
+pub fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("tensor readable on the CPU")
+}
+
+/// ‖got − want‖ / ‖want‖, in f64 (the absolute ‖got − want‖ when want is all zeros).
+pub fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "element counts differ");
     assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
-    let diff: f64 = got.iter().zip(&want).map(|(g, w)| (g - w) * (g - w)).sum();
+    let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
     let norm: f64 = want.iter().map(|w| w * w).sum();
-    (diff / norm).sqrt()
+    (diff / if norm > 0.0 { norm } else { 1.0 }).sqrt()
 }

@@ -1,39 +1,31 @@
-//! kernels/dequantize.cu launched through candle against the nf4 crate's CPU dequantize: bit-identical f32,
-//! f16 and bf16 on awkward shapes, blocksizes 64/128/256, with and without double quant.
+//! kernels/dequantize.cu against the nf4 crate's CPU dequantize: bit-identical f32, f16 and bf16 on awkward
+//! shapes, blocksizes 32 to 256, with and without double quant, in both device orders of the codes; upload then
+//! `to_host` gives back the same bytes. Also the checks `upload` makes before touching a device.
 
-mod common;
-
-use candle_core::{DType, Device, Tensor};
-use common::cuda_device_or_skip;
+use candle_core::{DType, Device};
 use glm_kernels::{CudaNf4Tensor, HostAbsmax, HostNf4, KernelError};
 use half::{bf16, f16};
-use nf4::{Nf4Tensor, QuantOptions};
+use nf4::{FloatDtype, Nf4Tensor, QuantOptions};
 
-const NAME: &str = "model.layers.0.mlp.down_proj.weight";
+use crate::common::{cuda_device_or_skip, weights, NAME};
 
-/// Fresh random values (normal, with a few large outliers and one all-zero stretch) for every call.
-fn weights(numel: usize) -> Vec<f32> {
-    let mut values: Vec<f32> = Tensor::randn(0f32, 1.0, numel, &Device::Cpu)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for i in (0..numel).step_by(997) {
-        values[i] *= 100.0;
-    }
-    let zeros = numel / 3..(numel / 3 + 300).min(numel);
-    values[zeros].fill(0.0);
-    values
-}
+/// Odd counts, a partial last block, several nested (256-block) groups, rank 1 to 3, and 2-D weights that are
+/// kept tiled on the device (rows % 16 == 0, cols % 64 == 0) next to ones that are not.
+const SHAPES: &[&[usize]] = &[
+    &[1],
+    &[7],
+    &[33, 65],
+    &[3, 1000],
+    &[70001],
+    &[2, 3, 129],
+    &[16, 64],
+    &[48, 320],
+    &[272, 1088],
+    &[16, 96],
+];
 
-/// Odd counts, a partial last block, several nested (256-block) groups, rank 1 to 3.
-const SHAPES: &[&[usize]] = &[&[1], &[7], &[33, 65], &[3, 1000], &[70001], &[2, 3, 129]];
-
-fn bits_f16(values: &[f16]) -> Vec<u16> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
-
-fn bits_bf16(values: &[bf16]) -> Vec<u16> {
-    values.iter().map(|v| v.to_bits()).collect()
+fn bits<T: Copy, B: PartialEq + std::fmt::Debug>(values: &[T], to_bits: impl Fn(T) -> B) -> Vec<B> {
+    values.iter().map(|&v| to_bits(v)).collect()
 }
 
 fn check(gpu: &Device, shape: &[usize], blocksize: usize, double_quant: bool) {
@@ -51,6 +43,16 @@ fn check(gpu: &Device, shape: &[usize], blocksize: usize, double_quant: bool) {
     );
     let on_gpu = CudaNf4Tensor::upload(&host, gpu).unwrap();
     let case = format!("shape {shape:?} blocksize {blocksize} double quant {double_quant}");
+    assert_eq!(
+        on_gpu.to_host().unwrap(),
+        quantized,
+        "{case}: upload + to_host changed the tensor"
+    );
+    assert_eq!(
+        on_gpu.device_bytes(),
+        quantized.size().total() - quantized.size().code_map,
+        "{case}: device bytes are the stored parts less the 16-entry code map"
+    );
 
     let dequantize = |dtype: DType| {
         let out = on_gpu.dequantize(dtype).unwrap();
@@ -59,23 +61,21 @@ fn check(gpu: &Device, shape: &[usize], blocksize: usize, double_quant: bool) {
         out.flatten_all().unwrap()
     };
     let got: Vec<f32> = dequantize(DType::F32).to_vec1().unwrap();
-    let want = quantized.dequantize_f32();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(
-        bits(&got),
-        bits(&want),
+        bits(&got, f32::to_bits),
+        bits(&quantized.dequantize_f32(), f32::to_bits),
         "{case}: f32 differs from the nf4 crate"
     );
     let got: Vec<f16> = dequantize(DType::F16).to_vec1().unwrap();
     assert_eq!(
-        bits_f16(&got),
-        bits_f16(&quantized.dequantize_f16()),
+        bits(&got, f16::to_bits),
+        bits(&quantized.dequantize_f16(), f16::to_bits),
         "{case}: f16 differs"
     );
     let got: Vec<bf16> = dequantize(DType::BF16).to_vec1().unwrap();
     assert_eq!(
-        bits_bf16(&got),
-        bits_bf16(&quantized.dequantize_bf16()),
+        bits(&got, bf16::to_bits),
+        bits(&quantized.dequantize_bf16(), bf16::to_bits),
         "{case}: bf16 differs"
     );
 }
@@ -86,7 +86,7 @@ fn dequantize_matches_the_cpu_reference_bit_for_bit() {
         return;
     };
     for shape in SHAPES {
-        for blocksize in [64, 128, 256] {
+        for blocksize in [32, 64, 128, 256] {
             for double_quant in [true, false] {
                 check(&gpu, shape, blocksize, double_quant);
             }
@@ -103,11 +103,13 @@ fn dequantize_refuses_integer_outputs() {
         Nf4Tensor::quantize_f32(&weights(100), &[100], &QuantOptions::default()).unwrap();
     let on_gpu =
         CudaNf4Tensor::upload(&HostNf4::from_nf4(NAME, &quantized).unwrap(), &gpu).unwrap();
-    let err = on_gpu
-        .dequantize(DType::U8)
-        .err()
-        .expect("u8 output must be refused");
-    assert!(matches!(err, KernelError::UnsupportedDtype { .. }), "{err}");
+    match on_gpu.dequantize(DType::U8) {
+        Err(KernelError::UnsupportedDtype { .. }) => {}
+        other => panic!(
+            "u8 output must be refused, got {:?}",
+            other.map(|t| t.dims().to_vec())
+        ),
+    }
 }
 
 const NESTED_MAP: [f32; 256] = [0.0; 256];
@@ -122,6 +124,7 @@ fn nested<'a>(
     HostNf4 {
         name: NAME,
         shape,
+        dtype: FloatDtype::F32,
         blocksize,
         packed,
         absmax: HostAbsmax::Nested {
@@ -131,6 +134,13 @@ fn nested<'a>(
             nested_map: &NESTED_MAP,
             offset: 0.0,
         },
+    }
+}
+
+fn upload_error(host: &HostNf4<'_>) -> KernelError {
+    match CudaNf4Tensor::upload(host, &Device::Cpu) {
+        Ok(_) => panic!("upload of {:?} must fail", host.shape),
+        Err(err) => err,
     }
 }
 
@@ -163,28 +173,20 @@ fn upload_rejects_a_state_that_does_not_fit_the_shape() {
         ),
     ];
     for (host, want) in cases {
-        match CudaNf4Tensor::upload(&host, &Device::Cpu) {
-            Err(err @ KernelError::InvalidNf4 { .. }) => {
-                let msg = err.to_string();
-                assert!(
-                    msg.contains(want) && msg.contains(NAME),
-                    "unexpected message: {msg}"
-                );
-            }
-            other => panic!(
-                "expected InvalidNf4 containing {want:?}, got {:?}",
-                other.err()
-            ),
-        }
+        let err = upload_error(&host);
+        let msg = err.to_string();
+        assert!(
+            matches!(err, KernelError::InvalidNf4 { .. })
+                && msg.contains(want)
+                && msg.contains(NAME),
+            "expected InvalidNf4 containing {want:?}, got: {msg}"
+        );
     }
 }
 
 #[test]
 fn upload_refuses_the_cpu_and_fp4() {
-    let host = nested(&[3, 5], 64, &[0; 8], &[0; 1], &[1.0]);
-    let err = CudaNf4Tensor::upload(&host, &Device::Cpu)
-        .err()
-        .expect("a CPU device must be refused");
+    let err = upload_error(&nested(&[3, 5], 64, &[0; 8], &[0; 1], &[1.0]));
     assert!(matches!(err, KernelError::NotCuda { .. }), "{err}");
 
     let opts = QuantOptions {
@@ -192,8 +194,8 @@ fn upload_refuses_the_cpu_and_fp4() {
         ..QuantOptions::default()
     };
     let fp4 = Nf4Tensor::quantize_f32(&weights(100), &[100], &opts).unwrap();
-    let err = HostNf4::from_nf4(NAME, &fp4)
-        .err()
-        .expect("FP4 must be refused");
-    assert!(err.to_string().contains("fp4"), "{err}");
+    match HostNf4::from_nf4(NAME, &fp4) {
+        Err(err) => assert!(err.to_string().contains("fp4"), "{err}"),
+        Ok(_) => panic!("FP4 must be refused"),
+    }
 }

@@ -1,0 +1,287 @@
+// NF4 matrix-vector products for decode: y = x · Wᵀ for 1..8 rows of x, W [N, K] in NF4, f32 accumulation.
+// CPU reference: crates/nf4's dequantize_f32 followed by an f32 matmul; GPU test: kernels/tests/gpu_kernels/matmul.rs.
+//
+// gemv_nf4_tiled_* reads the tiled order of common.cuh (N % 16 == 0, K % 64 == 0, blocksize >= 64) and multiplies
+// on tensor cores: one mma.m16n8k16 per 16 rows x 16 columns of W, with W as the A operand and the (up to 8)
+// rows of x as the 8 columns of B. Per 64-column tile a lane makes one 16-byte load of codes; the 16 codes of one
+// mma k-step come from four lanes whose columns it permutes (the same permutation on A and B leaves the dot
+// product unchanged), so that a lane's codes are 8 contiguous bytes of two rows and its x values 16 contiguous
+// columns (two 16-byte loads). Codes become operands through a 256-entry table byte -> pair of unscaled codebook
+// values, replicated per lane in shared memory so that lookups never conflict on a bank. A tile row lies inside
+// one absmax block, so its four mma results are scaled once in f32: the absmax (double-quantized or not) is
+// decoded once per tile row, not per element.
+//
+// gemv_nf4_generic_* covers everything else (any shape and blocksize, either order, f32 x): one warp per output
+// row, element by element. Correct, not fast.
+#include "common.cuh"
+
+// Tiles each warp loads before using any. 4 spills at 64 registers and measured slower (benches/results/kernels.md).
+#define GEMV_TILES_IN_FLIGHT 2
+// Rows of x a launch handles (the n dimension of mma.m16n8k16).
+#define GEMV_MAX_BATCH 8
+
+template <typename T> struct Mma;
+
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ uint32_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// Codes are read once: keep them out of L1, which holds x.
+__device__ __forceinline__ uint4 load_streaming(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// The table entry of byte BYTE (0..3) of w: the pair of codebook values of its two codes, from this lane's copy
+// (`lane_table` is its shared-memory address). Two instructions: a byte permute isolates the byte, a
+// multiply-add addresses it (written in PTX: the compiler's own indexing takes four).
+template <int BYTE> __device__ __forceinline__ uint32_t table_lookup(uint32_t lane_table, uint32_t w) {
+    uint32_t entry;
+    asm("{\n\t.reg .b32 byte;\n\t"
+        "prmt.b32 byte, %1, 0, %3;\n\t"
+        "mad.lo.u32 byte, byte, 128, %2;\n\t"
+        "ld.shared.b32 %0, [byte];\n\t}"
+        : "=r"(entry)
+        : "r"(w), "r"(lane_table), "n"(0x4440 + BYTE));
+    return entry;
+}
+
+// One mma k-step s (0..3) of a tile: bytes 2s and 2s + 1 of the lane's 8 bytes of row r (words w0 = words[s / 2])
+// and of row r + 8 (w8 = words[2 + s / 2]); x words 2s and 2s + 1.
+template <typename T, int S>
+__device__ __forceinline__ void tile_step(float (&c)[4], uint32_t lane_table, const uint32_t (&words)[4],
+                                          const uint32_t (&xw)[8]) {
+    constexpr int LO = 2 * (S % 2), HI = LO + 1;
+    const uint32_t a[4] = {
+        table_lookup<LO>(lane_table, words[S / 2]),
+        table_lookup<LO>(lane_table, words[2 + S / 2]),
+        table_lookup<HI>(lane_table, words[S / 2]),
+        table_lookup<HI>(lane_table, words[2 + S / 2]),
+    };
+    Mma<T>::run(c, a, xw[2 * S], xw[2 * S + 1]);
+}
+
+// Warps per block of the tiled kernel. Two blocks per SM (64 registers a thread) keep 32 warps' loads in flight.
+#define GEMV_WARPS 16
+#define GEMV_MIN_BLOCKS 2
+// Scales a lane decodes per group of tiles: the warp decodes 16 rows x GEMV_TILES_IN_FLIGHT tiles at once.
+#define GEMV_SCALES_PER_LANE (NF4_TILE_ROWS * GEMV_TILES_IN_FLIGHT / 32)
+
+// `split` (1, 2, 4, 8 or 16) warps share a strip (16 rows of W), each taking a contiguous run of its tiles,
+// GEMV_TILES_IN_FLIGHT at a time (all loads first); a block works on GEMV_WARPS / split strips at once and loops
+// over strips, so the table is built once per block. With split 1 a warp owns whole strips and writes their outputs
+// itself; otherwise the warps of a strip add up their partial sums in shared memory. The host picks the smallest
+// split that still gives the device enough warps.
+template <typename T, typename Absmax>
+__device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, const T *__restrict__ x,
+                               T *__restrict__ y, unsigned rows, unsigned cols, unsigned batch, unsigned split,
+                               unsigned blocksize_log2) {
+    static_assert(GEMV_TILES_IN_FLIGHT % 2 == 0, "a warp decodes scales for pairs of tiles");
+    constexpr int U = GEMV_TILES_IN_FLIGHT;
+    __shared__ __align__(16) uint32_t table[256 * 32];
+    __shared__ float partial[GEMV_WARPS][32][4];
+    __shared__ uint32_t values[16];
+    if (threadIdx.x < 16) {
+        const float codebook[16] = NF4_CODEBOOK_INIT;
+        values[threadIdx.x] = Mma<T>::bits(codebook[threadIdx.x]);
+    }
+    __syncthreads();
+    // Entry of byte b: value of its high nibble (the earlier element) in the low half, 32 copies, 4 per store.
+    for (unsigned i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+        const unsigned byte = i / 8;
+        const uint32_t entry = values[nf4_high(byte)] | (values[nf4_low(byte)] << 16);
+        reinterpret_cast<uint4 *>(table)[i] = make_uint4(entry, entry, entry, entry);
+    }
+    __syncthreads();
+
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t lane_table = (uint32_t)__cvta_generic_to_shared(table + lane);
+    const unsigned tiles = cols / NF4_TILE_COLS, strips = rows / NF4_TILE_ROWS;
+    const unsigned strips_per_block = GEMV_WARPS / split, block_strip = warp / split;
+    const unsigned run = (tiles + split - 1) / split;
+    const unsigned first_tile = min(tiles, (warp % split) * run), end_tile = min(tiles, first_tile + run);
+    // Lane 4r + j: A rows r and r + 8, B column (row of x) r, columns 16j..16j+15 of each tile. Lanes past the
+    // batch load row 0 again: B column r only feeds output column r, which is not stored.
+    const unsigned r = lane / 4, j = lane % 4;
+    const uint4 *x_start = reinterpret_cast<const uint4 *>(x + (size_t)min(r, batch - 1) * cols + 16 * j) +
+                           first_tile * 8;
+    // Scales: lane λ decodes row λ % 16 of tiles λ / 16, λ / 16 + 2, ... of each group.
+    const unsigned scale_row = lane % 16, scale_tile = lane / 16;
+
+    // Every warp of the block runs the same number of iterations (a barrier is inside when split > 1).
+    for (unsigned first = blockIdx.x * strips_per_block; first < strips; first += gridDim.x * strips_per_block) {
+        const unsigned strip = first + block_strip;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (strip < strips) {
+            const size_t scale_row_start = ((size_t)strip * NF4_TILE_ROWS + scale_row) * cols;
+            const uint4 *codes_lane = packed + ((size_t)strip * tiles + first_tile) * 32 + lane;
+            const uint4 *x_lane = x_start;
+            for (unsigned group = first_tile; group < end_tile; group += U) {
+                // Past the end of the warp's run the last tile is loaded again (no branch) and not used.
+                const unsigned last = end_tile - 1 - group;
+                uint4 codes[U], xs[U][2];
+                float scales[GEMV_SCALES_PER_LANE];
+#pragma unroll
+                for (int i = 0; i < GEMV_SCALES_PER_LANE; ++i) {
+                    const unsigned tile = group + min(scale_tile + 2 * i, last);
+                    scales[i] = absmax((scale_row_start + (size_t)tile * NF4_TILE_COLS) >> blocksize_log2);
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const unsigned offset = min((unsigned)u, last);
+                    codes[u] = load_streaming(codes_lane + offset * 32);
+                    xs[u][0] = __ldg(x_lane + offset * 8);
+                    xs[u][1] = __ldg(x_lane + offset * 8 + 1);
+                }
+                codes_lane += 32 * U;
+                x_lane += 8 * U;
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    // Rows r and r + 8 of tile u were decoded by lanes r + 16 (u % 2) and r + 8 + 16 (u % 2).
+                    const float scale0 = __shfl_sync(0xffffffff, scales[u / 2], r + 16 * (u % 2));
+                    const float scale8 = __shfl_sync(0xffffffff, scales[u / 2], r + 8 + 16 * (u % 2));
+                    if (u <= last) {
+                        const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
+                        const uint32_t xw[8] = {xs[u][0].x, xs[u][0].y, xs[u][0].z, xs[u][0].w,
+                                                xs[u][1].x, xs[u][1].y, xs[u][1].z, xs[u][1].w};
+                        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        tile_step<T, 0>(c, lane_table, words, xw);
+                        tile_step<T, 1>(c, lane_table, words, xw);
+                        tile_step<T, 2>(c, lane_table, words, xw);
+                        tile_step<T, 3>(c, lane_table, words, xw);
+                        acc[0] = fmaf(c[0], scale0, acc[0]);
+                        acc[1] = fmaf(c[1], scale0, acc[1]);
+                        acc[2] = fmaf(c[2], scale8, acc[2]);
+                        acc[3] = fmaf(c[3], scale8, acc[3]);
+                    }
+                }
+            }
+        }
+        // Lane 4r + j holds rows r and r + 8 (acc 0-1 and 2-3) for x rows 2j and 2j + 1.
+        if (split == 1) {
+            if (strip < strips) {
+                const size_t row = (size_t)strip * NF4_TILE_ROWS + r;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const unsigned b = 2 * j + i % 2;
+                    if (b < batch) {
+                        y[(size_t)b * rows + row + 8 * (i / 2)] = from_f32<T>(acc[i]);
+                    }
+                }
+            }
+            continue;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            partial[warp][lane][i] = acc[i];
+        }
+        __syncthreads();
+        for (unsigned t = threadIdx.x; t < strips_per_block * NF4_TILE_ROWS * batch; t += blockDim.x) {
+            const unsigned local = t / (NF4_TILE_ROWS * batch), row = t % NF4_TILE_ROWS,
+                           b = t / NF4_TILE_ROWS % batch;
+            const unsigned src_lane = (row % 8) * 4 + b / 2, slot = (row / 8) * 2 + b % 2;
+            if (first + local < strips) {
+                float sum = 0.0f;
+                for (unsigned w = local * split; w < (local + 1) * split; ++w) {
+                    sum += partial[w][src_lane][slot];
+                }
+                y[(size_t)b * rows + (size_t)(first + local) * NF4_TILE_ROWS + row] = from_f32<T>(sum);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// Warp per output row (grid-stride), any layout, blocksize and dtype.
+template <typename T, typename Absmax>
+__device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned tiled_row_chunks, Absmax absmax,
+                                 const T *__restrict__ x, T *__restrict__ y, size_t rows, size_t cols,
+                                 unsigned batch, unsigned blocksize_log2) {
+    __shared__ float codebook[16];
+    const float init[16] = NF4_CODEBOOK_INIT;
+    if (threadIdx.x < 16) {
+        codebook[threadIdx.x] = init[threadIdx.x];
+    }
+    __syncthreads();
+    const unsigned lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (size_t row = (size_t)blockIdx.x * warps + threadIdx.x / 32; row < rows; row += (size_t)gridDim.x * warps) {
+        float acc[GEMV_MAX_BATCH] = {};
+        for (size_t col = lane; col < cols; col += 32) {
+            const size_t e = row * cols + col;
+            const uint8_t byte = __ldg(packed + nf4_packed_offset(e / 2, tiled_row_chunks));
+            const float w = __fmul_rn(codebook[e % 2 ? nf4_low(byte) : nf4_high(byte)], absmax(e >> blocksize_log2));
+#pragma unroll
+            for (unsigned b = 0; b < GEMV_MAX_BATCH; ++b) {
+                if (b < batch) {
+                    acc[b] = fmaf(w, to_f32(x[b * cols + col]), acc[b]);
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned b = 0; b < GEMV_MAX_BATCH; ++b) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2) {
+                acc[b] += __shfl_xor_sync(0xffffffff, acc[b], offset);
+            }
+            if (lane == 0 && b < batch) {
+                y[b * rows + row] = from_f32<T>(acc[b]);
+            }
+        }
+    }
+}
+
+#define GEMV_NF4_TILED_KERNELS(SUFFIX, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
+        gemv_nf4_tiled_##SUFFIX(const uint4 *packed, const float *absmax, const T *x, T *y, unsigned rows,    \
+                                unsigned cols, unsigned batch, unsigned split, unsigned blocksize_log2) {    \
+        gemv_nf4_tiled<T>(packed, PlainAbsmax{absmax}, x, y, rows, cols, batch, split, blocksize_log2);      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
+        gemv_nf4_tiled_nested_##SUFFIX(const uint4 *packed, const uint8_t *absmax_codes,                     \
+                                       const float *nested_absmax, const float *nested_map, float offset,    \
+                                       const T *x, T *y, unsigned rows, unsigned cols, unsigned batch,       \
+                                       unsigned split, unsigned blocksize_log2) {                            \
+        gemv_nf4_tiled<T>(packed, NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, x, y, rows, \
+                          cols, batch, split, blocksize_log2);                                               \
+    }
+
+#define GEMV_NF4_GENERIC_KERNELS(SUFFIX, T)                                                                      \
+    extern "C" __global__ void gemv_nf4_generic_##SUFFIX(const uint8_t *packed, unsigned tiled_row_chunks,      \
+                                                           const float *absmax, const T *x, T *y, size_t rows,  \
+                                                           size_t cols, unsigned batch, unsigned blocksize_log2) { \
+        gemv_nf4_generic<T>(packed, tiled_row_chunks, PlainAbsmax{absmax}, x, y, rows, cols, batch,             \
+                            blocksize_log2);                                                                    \
+    }                                                                                                           \
+    extern "C" __global__ void gemv_nf4_generic_nested_##SUFFIX(                                                \
+        const uint8_t *packed, unsigned tiled_row_chunks, const uint8_t *absmax_codes, const float *nested_absmax, \
+        const float *nested_map, float offset, const T *x, T *y, size_t rows, size_t cols, unsigned batch,      \
+        unsigned blocksize_log2) {                                                                              \
+        gemv_nf4_generic<T>(packed, tiled_row_chunks,                                                           \
+                            NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, x, y, rows, cols,    \
+                            batch, blocksize_log2);                                                             \
+    }
+
+GEMV_NF4_TILED_KERNELS(f16, __half)
+GEMV_NF4_TILED_KERNELS(bf16, __nv_bfloat16)
+GEMV_NF4_GENERIC_KERNELS(f32, float)
+GEMV_NF4_GENERIC_KERNELS(f16, __half)
+GEMV_NF4_GENERIC_KERNELS(bf16, __nv_bfloat16)

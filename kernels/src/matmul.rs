@@ -1,0 +1,217 @@
+//! `CudaNf4Tensor::matmul`: `x · Wᵀ` with W in NF4. Up to [`GEMV_MAX_ROWS`] rows of x go through the fused GEMV
+//! kernels of kernels/gemv_nf4.cu; more rows (prefill) expand W with kernels/dequantize.cu and multiply with
+//! cuBLAS (candle's matmul). benches/gpu_kernels.rs measures both against cuBLAS f16; benches/results/kernels.md
+//! has the numbers.
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, DType, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::layout::{PackedLayout, TILE_COLS, TILE_ROWS};
+use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
+use crate::{KernelError, GEMV_PTX};
+
+const MODULE: &str = "glm_kernels_gemv";
+/// Rows of x the fused GEMV handles (GEMV_MAX_BATCH in gemv_nf4.cu: the n = 8 of mma.m16n8k16).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Warps per block of the generic kernel (one output row each).
+const GENERIC_WARPS: u32 = 8;
+
+impl CudaNf4Tensor {
+    /// `x · Wᵀ` for this weight `W` of shape `[N, K]`: `x` is `[.., K]` (f16, bf16 or f32, on the same CUDA
+    /// device), the result `[.., N]` in `x`'s dtype, accumulated in f32.
+    ///
+    /// Up to 8 rows of x (decode) take the fused GEMV: codes are expanded in registers and multiplied on tensor
+    /// cores (f16/bf16 x on a tiled weight, see [`CudaNf4Tensor`]), or by a plain CUDA-core kernel (f32 x, other
+    /// shapes). More rows (prefill) dequantize W to x's dtype and multiply with cuBLAS.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor, KernelError> {
+        let (n, k) = self.matmul_dims(x)?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("x has a last dimension") = n;
+        let rows = x.elem_count() / k.max(1);
+        if rows == 0 || n == 0 || k == 0 {
+            return Ok(Tensor::zeros(out_dims, x.dtype(), x.device())?);
+        }
+        let x = x.contiguous()?;
+        if rows > GEMV_MAX_ROWS {
+            // Measured against expanding and multiplying 16 MiB slices through L2: expanding all of W once and
+            // one cuBLAS GEMM is faster at every size (benches/results/kernels.md).
+            let w = self.dequantize(x.dtype())?;
+            return Ok(x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?);
+        }
+        let y = match x.dtype() {
+            DType::F16 => self.gemv::<f16>(&x, rows, n, k)?,
+            DType::BF16 => self.gemv::<bf16>(&x, rows, n, k)?,
+            _ => self.gemv::<f32>(&x, rows, n, k)?,
+        };
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// `[N, K]` after checking that `x` can multiply this weight.
+    fn matmul_dims(&self, x: &Tensor) -> Result<(usize, usize), KernelError> {
+        let bad = |problem: String| KernelError::BadInput {
+            name: self.name.clone(),
+            problem,
+        };
+        let &[n, k] = self.shape.dims() else {
+            return Err(bad(format!(
+                "matmul needs a 2-D weight [out, in], this one is {:?}",
+                self.shape.dims()
+            )));
+        };
+        if dtype_suffix(x.dtype()).is_none() {
+            return Err(KernelError::UnsupportedDtype {
+                name: self.name.clone(),
+                dtype: x.dtype(),
+            });
+        }
+        if x.dims().last() != Some(&k) {
+            return Err(bad(format!(
+                "input of shape {:?} cannot multiply weight [{n}, {k}]: its last dimension must be {k}",
+                x.dims()
+            )));
+        }
+        if !x.device().same_device(self.device()) {
+            return Err(bad(format!(
+                "input is on {:?}, the weight on {:?}; move the input first",
+                x.device().location(),
+                self.device().location()
+            )));
+        }
+        Ok((n, k))
+    }
+
+    /// `rows` (1..=8) rows of contiguous `x` times Wᵀ, as a `[rows, n]` tensor.
+    fn gemv<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> candle_core::Result<Tensor> {
+        let dev = self.cuda_device();
+        let suffix = dtype_suffix(x.dtype()).expect("checked in matmul_dims");
+        let (x_storage, x_layout) = x.storage_and_layout();
+        // The tiled kernel loads x 16 bytes at a time.
+        let tiled = matches!(self.layout, PackedLayout::Tiled { .. })
+            && x.dtype() != DType::F32
+            && x_layout.start_offset() % 8 == 0;
+        let x = cuda_view::<T>(&x_storage, x_layout)?;
+        // SAFETY: the kernels write all rows * n outputs.
+        let mut y = unsafe { dev.alloc::<T>(rows * n)? };
+        let kind = if tiled { "tiled" } else { "generic" };
+        let func = dev.get_or_load_custom_func(
+            &format!("gemv_nf4_{kind}_{}{suffix}", self.absmax.kernel_infix()),
+            MODULE,
+            GEMV_PTX,
+        )?;
+        let (cfg, split) = if tiled {
+            tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(GENERIC_WARPS as usize).min(1 << 20) as u32, 1, 1),
+                block_dim: (32 * GENERIC_WARPS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (cfg, 1)
+        };
+        let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
+        let (n32, k32, layout) = (n as u32, k as u32, self.layout.kernel_arg());
+        let mut args = func.builder();
+        args.arg(&self.packed);
+        if !tiled {
+            args.arg(&layout);
+        }
+        self.absmax.push_args(&mut args);
+        args.arg(&x).arg(&mut y);
+        if tiled {
+            args.arg(&n32).arg(&k32).arg(&rows_arg).arg(&split);
+        } else {
+            args.arg(&n).arg(&k).arg(&rows_arg);
+        }
+        args.arg(&blocksize_log2);
+        // SAFETY: argument lists match gemv_nf4_{tiled,generic}_[nested_]<suffix> in kernels/gemv_nf4.cu; the
+        // tiled kernel needs a tiled weight (N % 16 == 0, K % 64 == 0, blocksize >= 64) and 16-byte aligned rows
+        // of x, both checked above.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(wrap(y, dev, Shape::from_dims(&[rows, n])))
+    }
+}
+
+/// Warps per block of the tiled GEMV (GEMV_WARPS in gemv_nf4.cu).
+const TILED_WARPS: usize = 16;
+
+/// Launch shape and `split` argument of the tiled GEMV for `strips` 16-row strips of `tiles` 64-column tiles.
+///
+/// Blocks (no more than fit on the device at once, so each builds its code table once) loop over rounds of
+/// 16 / split strips. A round costs a warp its run of tiles, plus about two tiles' time of reduction and ramp when
+/// warps share strips; the split (1 to 16 warps a strip) with the fewest tile-times over all rounds wins. The rule
+/// picks the fastest split of each GLM-4-9B shape in the tuning sweep recorded in benches/results/kernels.md: many
+/// strips want few rounds with no mostly empty last one (lm_head: 4), few strips want short runs (o, down: 16).
+fn tiled_launch(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    strips: usize,
+    tiles: usize,
+) -> candle_core::Result<(LaunchConfig, u32)> {
+    let threads = 32 * TILED_WARPS as u32;
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .w()?
+        .max(1) as usize;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?
+        .max(1) as usize;
+    let (split, blocks) = tiled_split(strips, tiles, sms * per_sm);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((cfg, split as u32))
+}
+
+/// `(split, blocks)` for [`tiled_launch`], given how many blocks fit on the device at once.
+fn tiled_split(strips: usize, tiles: usize, resident_blocks: usize) -> (usize, usize) {
+    const ROUND_OVERHEAD_TILES: usize = 2;
+    [1, 2, 4, 8, 16]
+        .into_iter()
+        .map(|split| {
+            let strips_per_block = TILED_WARPS / split;
+            let blocks = strips.div_ceil(strips_per_block).min(resident_blocks);
+            let rounds = strips.div_ceil(blocks * strips_per_block);
+            let cost = rounds * (tiles.div_ceil(split) + ROUND_OVERHEAD_TILES);
+            (cost, split, blocks)
+        })
+        .min()
+        .map(|(_, split, blocks)| (split, blocks))
+        .expect("five candidates")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tiled_split;
+
+    /// The splits the H100 sweep (132 SMs x 2 blocks) found fastest for GLM-4-9B's weights.
+    #[test]
+    fn split_rule_picks_the_measured_best() {
+        let resident = 264;
+        for (name, n, k, want) in [
+            ("q/o", 4096, 4096, 16),
+            ("k/v", 256, 4096, 16),
+            ("qkv", 4608, 4096, 8),
+            ("gate_up", 27392, 4096, 2),
+            ("down", 4096, 13696, 16),
+            ("lm_head", 151552, 4096, 4),
+        ] {
+            assert_eq!(tiled_split(n / 16, k / 64, resident).0, want, "{name}");
+        }
+    }
+}
