@@ -130,7 +130,10 @@ impl Report {
              prompt tokens ÷ time to first token (one new token). Decode: new tokens after the first ÷ the \
              time from the first to the last. Memory: the driver's used memory, peak above the usage \
              before the load (CUDA context excluded); GB = 10⁹ bytes. Roofline: weight bytes read per \
-             token ÷ the device-to-device copy bandwidth measured in the same run.\n",
+             token ÷ the device-to-device copy bandwidth measured in the same run. Greedy tokens = transformers: \
+             leading decode tokens equal to transformers' at the same precision (random weights give \
+             near-flat logits, so paths part after a few tokens; a mismatch from the first token is worth \
+             a look).\n",
             models.join(", "),
             self.repetitions()
         );
@@ -166,6 +169,24 @@ impl Report {
         format!("{}; median (min–max)", settings.join(" / "))
     }
 
+    /// For one of our runs: how many leading greedy tokens equal those of the transformers run of the
+    /// same precision class (dense with dense, NF4 with NF4), out of how many.
+    fn same_tokens_as_peer(&self, run: &RunRecord) -> Option<(usize, usize)> {
+        if !run.is_ours() {
+            return None;
+        }
+        let peer = self
+            .runs
+            .iter()
+            .find(|p| p.runtime == TRANSFORMERS && p.is_nf4() == run.is_nf4())?;
+        let (ours, theirs) = (&run.decode.tokens, &peer.decode.tokens);
+        if ours.is_empty() || run.decode.prompt_tokens != peer.decode.prompt_tokens {
+            return None;
+        }
+        let same = ours.iter().zip(theirs).take_while(|(a, b)| a == b).count();
+        Some((same, ours.len().min(theirs.len())))
+    }
+
     fn runs_table(&self) -> String {
         let mut lengths: Vec<usize> = self
             .runs
@@ -184,6 +205,7 @@ impl Report {
                 "peak GPU GB",
                 "after load GB",
                 "4k-context peak GB",
+                "greedy tokens = transformers",
             ]
             .map(String::from),
         );
@@ -214,6 +236,8 @@ impl Report {
                         Some(format!("{} @{}", gb(peak), m.full_context_tokens?))
                     })
                     .unwrap_or_else(|| "–".into()),
+                self.same_tokens_as_peer(r)
+                    .map_or("–".into(), |(same, n)| format!("{same}/{n}")),
             ]);
             cells
         });
@@ -561,7 +585,12 @@ mod tests {
                 new_tokens: 32,
                 batch: 1,
                 tok_s: stats(decode_tok_s),
-                tokens: vec![],
+                // NF4 parts from transformers at the fourth token, dense at the first.
+                tokens: match (ours, variant.starts_with("nf4")) {
+                    (true, true) => vec![1, 2, 3, 9],
+                    (true, false) => vec![5, 2, 3, 4],
+                    _ => vec![1, 2, 3, 4],
+                },
             },
             memory: Some(Memory {
                 driver_peak_bytes: Some(6_500_000_000),
