@@ -32,6 +32,9 @@ use crate::linear::Linear;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
+/// A 4-bit output projection with more weights than this (256 Mi, 512 MiB in bf16) is quantized in host
+/// memory rather than on the GPU, so that its full-precision copy never sits on the device.
+const HOST_QUANTIZE_MIN_ELEMENTS: usize = 256 << 20;
 
 /// One memory-mapped safetensors file with its parsed header.
 struct SafetensorsFile {
@@ -592,12 +595,18 @@ impl<'a> WeightLoader<'a> {
         let shape = [self.config.vocab_size, self.config.hidden_size];
         match self.lm_head_quantization()? {
             Some(opts) => {
-                let weight = self.dense_as(
-                    &name,
-                    &shape,
-                    self.to_quantize_dtype(),
-                    &self.options.device,
-                )?;
+                // Quantizing on the GPU holds the full-precision copy there beside everything loaded
+                // so far; for a head this large (1.2 GB in bf16 at GLM-4-9B's size) that would lift
+                // the load's peak over the final footprint by more than a GiB, so it is quantized in
+                // host memory and uploaded packed.
+                let on_host = !self.options.device.is_cpu()
+                    && shape[0] * shape[1] > HOST_QUANTIZE_MIN_ELEMENTS;
+                let (dtype, device) = if on_host {
+                    (Some(DType::F32), Device::Cpu)
+                } else {
+                    (self.to_quantize_dtype(), self.options.device.clone())
+                };
+                let weight = self.dense_as(&name, &shape, dtype, &device)?;
                 Ok(Some(self.quantized_linear(weight, None, &name, &opts)?))
             }
             // Kept dense by default, as bitsandbytes keeps it.
