@@ -76,15 +76,19 @@ proptest! {
             let b = i / opts.blocksize;
             let a = true_absmax[b];
             // The stored absmax differs from the true one only through double quantization (and the
-            // 1e-38 floor of an all-zero partial block).
+            // 1e-38 floor of an all-zero partial block). The f32 products and differences round at the
+            // scale of the larger of the two absmax values: allow a few ulps of that.
             let absmax_error = (stored_absmax[b] - a).abs();
-            let bound = half_gap * a + absmax_error + a * 1e-6 + f32::MIN_POSITIVE;
+            let rounding = a.max(stored_absmax[b]) * 1e-6;
+            let bound = half_gap * a + absmax_error + rounding + f32::MIN_POSITIVE;
             prop_assert!((v - d).abs() <= bound,
                 "element {i}: x {v}, deq {d}, absmax {a}, stored {}, bound {bound}", stored_absmax[b]);
             if let Some(dq) = nested {
                 let scale = dq.nested_absmax()[b / dq.nested_blocksize()];
                 let nested_bound = nested_relative_bound() * scale + scale * 1e-6 + 2e-38;
-                prop_assert!(absmax_error <= nested_bound.max(a * 1e-6),
+                // Far from zero (absmax ~1e19 with all blocks alike) the f32 offset and sums round
+                // at ~1e-6 of absmax per operation: allow ten such roundings.
+                prop_assert!(absmax_error <= nested_bound.max(a * 1e-5),
                     "block {b}: absmax {a}, decoded {}, nested scale {scale}", stored_absmax[b]);
             } else {
                 // With the absmax stored as used, it is the nearest codebook value (up to rounding).
