@@ -195,6 +195,51 @@ mod tokens {
         check_fixture(&gpu, "glm4", &lean, 1e-4);
     }
 
+    /// bf16 keeps 8 bits of mantissa, so CPU and GPU (different accumulation orders) may part at near
+    /// ties; what must hold is that the GPU's bf16 is as close to the f32 model as the CPU's bf16, which
+    /// the CPU tests check against transformers.
+    #[test]
+    fn fixtures_in_bf16_are_as_close_to_f32_as_the_cpus_bf16() {
+        let Some(gpu) =
+            cuda_device_or_skip("fixtures_in_bf16_are_as_close_to_f32_as_the_cpus_bf16")
+        else {
+            return;
+        };
+        for (name, quantize) in [
+            ("glm", false),
+            ("glm4", false),
+            ("glm4", true),
+            ("chatglm", true),
+        ] {
+            let reference = Model::load(fixture(name), &options(DType::F32, quantize)).unwrap();
+            let cpu = Model::load(fixture(name), &options(DType::BF16, quantize)).unwrap();
+            let gpu_options = LoadOptions {
+                device: gpu.clone(),
+                kv_capacity: Some(64),
+                ..options(DType::BF16, quantize)
+            };
+            let on_gpu = Model::load(fixture(name), &gpu_options).unwrap();
+            for (i, prompt) in fixture_prompts(name).iter().enumerate() {
+                let forced = greedy(&reference, prompt, STEPS);
+                let want = teacher_forced(&reference, prompt, &forced);
+                let scale = max_abs(&want);
+                let error = |model: &Model| {
+                    max_abs(&(teacher_forced(model, prompt, &forced) - &want).unwrap()) / scale
+                };
+                let (cpu_error, gpu_error) = (error(&cpu), error(&on_gpu));
+                println!(
+                    "{name} bf16 quantize={quantize} prompt {i}: max logit error vs f32 \
+                     {gpu_error:.2e} on the GPU, {cpu_error:.2e} on the CPU (× the largest)"
+                );
+                assert!(
+                    gpu_error <= 2.0 * cpu_error + 1e-3,
+                    "{name} bf16 quantize={quantize} prompt {i}: GPU error {gpu_error:.2e} is far \
+                     above the CPU's {cpu_error:.2e}"
+                );
+            }
+        }
+    }
+
     /// The demo model through the library's front door, as `glm-run --device cuda` runs it.
     #[test]
     fn demo_model_generates_the_cpus_text() {
