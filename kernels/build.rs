@@ -28,6 +28,8 @@ fn main() {
     let dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // The folder itself, so that a new .cu file is compiled too.
+    println!("cargo:rerun-if-changed={}", dir.display());
     println!(
         "cargo:rerun-if-changed={}",
         dir.join("common.cuh").display()

@@ -11,15 +11,19 @@
 //! `cuda` feature it is empty, so that `cargo build --workspace` on a machine without CUDA still works.
 #![cfg(feature = "cuda")]
 
+mod attention;
 mod dequantize;
 mod layout;
 mod matmul;
 mod quantize;
 mod tensor;
 
+pub use attention::decode_attention;
 pub use matmul::GEMV_MAX_ROWS;
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
+/// PTX of kernels/attention.cu.
+const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// PTX of kernels/dequantize.cu.
 pub const DEQUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequantize.ptx"));
 /// PTX of kernels/gemv_nf4.cu.
@@ -46,6 +50,8 @@ pub enum KernelError {
     },
     #[error("NF4 tensor `{name}`: {problem}")]
     BadInput { name: String, problem: String },
+    #[error("decode attention: {0}")]
+    Attention(String),
     #[error("cannot quantize `{name}`: {source}")]
     Quantize {
         name: String,

@@ -163,6 +163,12 @@ impl KvCache {
         Ok((keys.narrow(2, 0, t)?, values.narrow(2, 0, t)?))
     }
 
+    /// With a capacity: the whole key and value buffers of `layer`, once allocated.
+    #[cfg(feature = "cuda")]
+    fn buffers(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.capacity.and(self.layers[layer].as_ref())
+    }
+
     /// The batch size the cache holds, once it holds anything.
     fn batch(&self) -> Result<Option<usize>> {
         Ok(match self.layers.iter().flatten().next() {
@@ -220,12 +226,27 @@ impl Attention {
         let k = rotary.apply(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?;
         let t = k.dim(2)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+
+        // One decode token over a preallocated cache on the GPU: softmax(q·Kᵀ)·V in one kernel, with no
+        // scores or probabilities tensors.
+        #[cfg(feature = "cuda")]
+        if s == 1 && mask.is_none() && q.device().is_cuda() {
+            if let Some((keys, values)) = cache.buffers(layer) {
+                let rep = self.num_heads / self.num_kv_heads;
+                let q = q.reshape((b, self.num_kv_heads, rep, self.head_dim))?;
+                let out = glm_kernels::decode_attention(&q, keys, values, t, scale as f32)
+                    .map_err(crate::gpu::kernel_error)?;
+                // [b, heads, 1, head_dim] and [b, 1, heads, head_dim] are the same order in memory.
+                let out = out.reshape((b, 1, self.num_heads * self.head_dim))?;
+                return self.o_proj.forward(&out);
+            }
+        }
 
         // Grouped-query attention without copying k/v: the `rep` query heads sharing a kv head are
         // stacked along the sequence axis, so one batched matmul per kv head covers them.
         let rep = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, rep * s, self.head_dim))?;
-        let scale = (self.head_dim as f64).powf(-0.5);
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(mask) => scores

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod attention;
 mod cublas;
 mod dequantize;
 mod matmul;
