@@ -18,6 +18,8 @@ mod matmul;
 mod quantize;
 mod tensor;
 
+use std::io::Write;
+
 pub use attention::decode_attention;
 pub use matmul::GEMV_MAX_ROWS;
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
@@ -60,4 +62,26 @@ pub enum KernelError {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The CUDA device for a GPU test, or `None` after saying the test was skipped. The message goes straight to
+/// stderr so that `cargo test` shows it even for a passing test. GLM_REQUIRE_GPU=1 (scripts/gpu-run.sh sets it)
+/// makes a missing device a failure, so that a broken GPU run cannot pass by skipping.
+pub fn cuda_device_or_skip(test: &str) -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(err) if std::env::var_os("GLM_REQUIRE_GPU").is_some() => {
+            panic!("{test}: GLM_REQUIRE_GPU is set but CUDA device 0 failed to start: {err}")
+        }
+        Err(err) => {
+            // candle appends a backtrace to the message when RUST_BACKTRACE is set: keep the first line.
+            let err = err.to_string();
+            let reason = err.lines().next().unwrap_or_default();
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped: no CUDA device ({reason})"
+            );
+            None
+        }
+    }
 }

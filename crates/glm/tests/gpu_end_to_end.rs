@@ -7,42 +7,18 @@
 //! CUDA device each test prints that it was skipped, unless GLM_REQUIRE_GPU=1 makes that a failure.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use glm::pipeline::{GenerationSettings, Glm, Prompt, RunOptions};
 use glm::plan::{human_bytes, QuantMode};
-use glm::sampling::{Sampler, SamplingConfig, StopCondition};
-use glm::{generate, GlmError, LoadOptions, Model};
+use glm::sampling::SamplingConfig;
+use glm::{GlmError, LoadOptions, Model};
+use glm_kernels::cuda_device_or_skip;
 
-/// The CUDA device for a GPU test, or `None` after saying the test was skipped (straight to stderr, so
-/// that `cargo test` shows it for a passing test). GLM_REQUIRE_GPU=1 (scripts/gpu-run.sh sets it) makes
-/// a missing device a failure, so that a broken GPU run cannot pass by skipping.
-fn cuda_device_or_skip(test: &str) -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(device) => Some(device),
-        Err(err) if std::env::var_os("GLM_REQUIRE_GPU").is_some() => {
-            panic!("{test}: GLM_REQUIRE_GPU is set but CUDA device 0 failed to start: {err}")
-        }
-        Err(err) => {
-            // candle appends a backtrace when RUST_BACKTRACE is set: keep the first line.
-            let err = err.to_string();
-            let reason = err.lines().next().unwrap_or_default();
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test}: skipped: no CUDA device ({reason})"
-            );
-            None
-        }
-    }
-}
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+use common::{fixture, greedy, max_abs, row};
 
 fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
@@ -60,47 +36,13 @@ fn fixture_prompts(name: &str) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn row(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-}
-
-fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut sampler = Sampler::new(SamplingConfig::greedy()).unwrap();
-    let stop = StopCondition::new(Vec::<u32>::new(), steps).unwrap();
-    generate(model, prompt, &mut sampler, &stop, |_| {})
-        .unwrap()
-        .tokens
-}
-
 /// Logits of the prompt's positions, then of each of `forced` fed one at a time: [len, vocab] in f32 on
 /// the CPU.
 fn teacher_forced(model: &Model, prompt: &[u32], forced: &[u32]) -> Tensor {
-    let mut cache = model.new_cache();
-    let mut rows = vec![model
-        .forward_all(&row(prompt), &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()];
-    for &t in forced {
-        rows.push(model.forward(&row(&[t]), &mut cache).unwrap());
-    }
-    Tensor::cat(&rows, 0)
+    let (prefill, steps) = common::teacher_forced(model, prompt, forced);
+    Tensor::cat(&[prefill, steps], 0)
         .unwrap()
         .to_device(&Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

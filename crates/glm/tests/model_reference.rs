@@ -3,21 +3,17 @@
 //! greedy continuations, the KV cache against full recompute, batches, f16/bf16, NF4.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use glm::sampling::{FinishReason, Sampler, SamplingConfig, StopCondition};
-use glm::{generate, Architecture, LoadOptions, Model};
+use glm::{Architecture, LoadOptions, Model};
+
+mod common;
+
+use common::{fixture, greedy, max_abs, row, teacher_forced};
 
 const STEPS: usize = 32;
 /// The bound for f32: max |ours - transformers| ≤ 1e-4 × max |logit|.
 const F32_TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
 
 /// What transformers recorded for two prompts of a fixture.
 struct Reference {
@@ -65,17 +61,6 @@ fn reference(name: &str) -> Reference {
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
@@ -90,49 +75,6 @@ fn with_dtype(dtype: DType) -> LoadOptions {
         dtype,
         ..LoadOptions::default()
     }
-}
-
-fn row(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-}
-
-/// Our logits for a prompt and then each of `forced` fed one at a time through the KV cache:
-/// ([prompt_len, vocab], [forced.len(), vocab]).
-fn teacher_forced(model: &Model, prompt: &[u32], forced: &[u32]) -> (Tensor, Tensor) {
-    let mut cache = model.new_cache();
-    let prefill = model
-        .forward_all(&row(prompt), &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let steps: Vec<Tensor> = forced
-        .iter()
-        .map(|&t| {
-            model
-                .forward(&row(&[t]), &mut cache)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-        })
-        .collect();
-    (prefill, Tensor::stack(&steps, 0).unwrap())
-}
-
-fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut sampler = Sampler::new(SamplingConfig::greedy()).unwrap();
-    // No eos: the references are fixed-length greedy runs.
-    let stop = StopCondition::new(Vec::<u32>::new(), steps).unwrap();
-    let mut streamed = Vec::new();
-    let out = generate(model, prompt, &mut sampler, &stop, |t| streamed.push(t)).unwrap();
-    assert_eq!(out.finish, FinishReason::Length);
-    assert_eq!(
-        streamed, out.tokens,
-        "streamed tokens differ from the returned ones"
-    );
-    out.tokens
 }
 
 /// Prefill and every decode step within `bound` (absolute) of the reference, for both prompts;

@@ -1,33 +1,11 @@
 //! Shared by the GPU test modules.
 
-use std::io::Write;
+pub use glm_kernels::cuda_device_or_skip;
 
 use candle_core::{DType, Device, Tensor};
 
 /// Weight name used in the tests' NF4 tensors (error messages must name it).
 pub const NAME: &str = "model.layers.0.mlp.down_proj.weight";
-
-/// The CUDA device for a GPU test, or `None` after saying the test was skipped. The message goes straight to
-/// stderr so that `cargo test` shows it even for a passing test. GLM_REQUIRE_GPU=1 (scripts/gpu-run.sh sets it)
-/// makes a missing device a failure, so that a broken GPU run cannot pass by skipping.
-pub fn cuda_device_or_skip(test: &str) -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(device) => Some(device),
-        Err(err) if std::env::var_os("GLM_REQUIRE_GPU").is_some() => {
-            panic!("{test}: GLM_REQUIRE_GPU is set but CUDA device 0 failed to start: {err}")
-        }
-        Err(err) => {
-            // candle appends a backtrace to the message when RUST_BACKTRACE is set: keep the first line.
-            let err = err.to_string();
-            let reason = err.lines().next().unwrap_or_default();
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test}: skipped: no CUDA device ({reason})"
-            );
-            None
-        }
-    }
-}
 
 /// Fresh random values (normal, every 997th one a large outlier, one all-zero stretch) for every call.
 pub fn weights(numel: usize) -> Vec<f32> {
