@@ -160,7 +160,9 @@ def make_synthetic(args):
     import torch
     from transformers import Glm4Config, Glm4ForCausalLM
 
-    shape = PRESETS[args.preset]
+    shape = dict(PRESETS[args.preset])
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
     first = first_special_id(shape["vocab_size"])
     config = Glm4Config(
         **shape,
@@ -415,6 +417,7 @@ def main():
     synth.add_argument("--device", default="cuda")
     synth.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--layers", type=int, help="override the preset's layer count (a quicker model of its shapes)")
     synth.set_defaults(run=make_synthetic)
 
     peer = commands.add_parser("peer", help="measure transformers (+ bitsandbytes) on a checkpoint")

@@ -88,6 +88,19 @@ __device__ void decode_attention(const T *__restrict__ q, const T *__restrict__ 
         decode_attention<T>(q, k, v, out, rep, capacity, len, head_dim, scale);                           \
     }
 
+// The decode step's variant: the cache holds *pos + 1 tokens (the current one written by rotary.cu), read from
+// device memory so that a captured graph serves every position.
+#define DECODE_ATTENTION_AT_KERNEL(SUFFIX, T)                                                                \
+    extern "C" __global__ void decode_attention_at_##SUFFIX(const T *q, const T *k, const T *v, T *out,    \
+                                                            unsigned rep, unsigned capacity,               \
+                                                            const unsigned *pos, unsigned head_dim,        \
+                                                            float scale) {                                 \
+        decode_attention<T>(q, k, v, out, rep, capacity, *pos + 1, head_dim, scale);                      \
+    }
+
 DECODE_ATTENTION_KERNEL(f32, float)
 DECODE_ATTENTION_KERNEL(f16, __half)
 DECODE_ATTENTION_KERNEL(bf16, __nv_bfloat16)
+DECODE_ATTENTION_AT_KERNEL(f32, float)
+DECODE_ATTENTION_AT_KERNEL(f16, __half)
+DECODE_ATTENTION_AT_KERNEL(bf16, __nv_bfloat16)

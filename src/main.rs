@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 use glm::pipeline::{GenerationSettings, Glm, Prompt, RunOptions};
 use glm::plan::{human_bytes, parse_bytes, Footprint, MemoryPlan, QuantMode};
 use glm::sampling::SamplingConfig;
+use glm::DecodeMode;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The model the README's first command runs: trained for this project, shipped in the repository.
@@ -52,6 +53,10 @@ struct Cli {
     /// On a GPU, keep the embedding table in host memory (rows are looked up and copied per step).
     #[arg(long)]
     embeddings_on_host: bool,
+    /// How decode steps run on a GPU: graph (fused kernels replayed as one CUDA graph), fused (the same
+    /// kernels launched one by one) or plain (op by op, for debugging). All give the same tokens.
+    #[arg(long, value_enum, default_value_t = Decode::Graph)]
+    decode: Decode,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 = greedy.
@@ -91,6 +96,23 @@ enum Quant {
     #[value(name = "4bit")]
     FourBit,
     None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Decode {
+    Plain,
+    Fused,
+    Graph,
+}
+
+impl From<Decode> for DecodeMode {
+    fn from(decode: Decode) -> Self {
+        match decode {
+            Decode::Plain => DecodeMode::Plain,
+            Decode::Fused => DecodeMode::Fused,
+            Decode::Graph => DecodeMode::Graph,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -169,6 +191,7 @@ fn run(cli: &Cli) -> Result<()> {
             seed: cli.seed,
         },
         max_new_tokens: cli.max_new_tokens,
+        decode: cli.decode.into(),
     };
     settings.sampling.validate()?;
     if settings.max_new_tokens == 0 {

@@ -32,6 +32,7 @@ fn greedy(max_new_tokens: usize) -> GenerationSettings {
     GenerationSettings {
         sampling: SamplingConfig::greedy(),
         max_new_tokens,
+        ..GenerationSettings::default()
     }
 }
 
@@ -93,6 +94,7 @@ fn generation_is_deterministic_and_seeded_sampling_repeats() {
             seed,
         },
         max_new_tokens: 32,
+        ..GenerationSettings::default()
     };
     let run =
         |settings: &GenerationSettings| glm.generate(&prompt, settings, |_| {}).unwrap().tokens;

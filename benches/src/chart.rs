@@ -196,6 +196,7 @@ mod tests {
                 tok_s: stats.clone(),
                 tokens: vec![],
             },
+            decode_variants: Vec::new(),
             memory: peak.map(|p| Memory {
                 driver_peak_bytes: Some(p),
                 ..Memory::default()

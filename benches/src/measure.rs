@@ -12,11 +12,13 @@ use candle_core::{DType, Device};
 use glm::pipeline::{Glm, RunOptions};
 use glm::plan::QuantMode;
 use glm::sampling::{Sampler, SamplingConfig, StopCondition};
-use glm::Model;
+use glm::{DecodeMode, Model};
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use crate::device::{copy_bandwidth, device_name};
+#[cfg(feature = "cuda")]
+use crate::record::DecodeVariant;
 use crate::record::{Decode, Memory, Prefill, Roofline, RunRecord, Stats, GLM_RUN};
 
 /// File in a model directory with the prompt ids every runtime is given (`peers.py make-synthetic`).
@@ -26,6 +28,9 @@ pub const PROMPTS_FILE: &str = "bench-prompts.json";
 const COPY_BYTES_CUDA: usize = 1 << 30;
 const COPY_BYTES_CPU: usize = 1 << 28;
 const COPY_REPS: usize = 10;
+/// Batches decoded (the same prompt in every row) beside batch 1, on CUDA.
+#[cfg(feature = "cuda")]
+const BATCHES: [usize; 2] = [4, 8];
 
 /// One `glm-bench run`.
 #[derive(Debug, Clone)]
@@ -144,7 +149,9 @@ pub fn run(spec: &RunSpec) -> Result<RunRecord> {
     let mut prefill = Vec::new();
     for &length in &spec.prompt_lengths {
         let ids = prompt(length)?;
-        let runs = repeat(spec, || timed_generate(model, &ids, 1))?;
+        let runs = repeat(spec, || {
+            timed_generate(model, &ids, 1, DecodeMode::default())
+        })?;
         let ttft: Vec<f64> = runs.iter().map(|r| r.ttft_s).collect();
         eprintln!(
             "glm-bench: prefill {length} tokens: TTFT {:.1} ms",
@@ -157,7 +164,9 @@ pub fn run(spec: &RunSpec) -> Result<RunRecord> {
         });
     }
     let decode_ids = prompt(spec.prompt_lengths[0])?;
-    let runs = repeat(spec, || timed_generate(model, &decode_ids, spec.new_tokens))?;
+    let runs = repeat(spec, || {
+        timed_generate(model, &decode_ids, spec.new_tokens, DecodeMode::default())
+    })?;
     let decode = Decode {
         prompt_tokens: spec.prompt_lengths[0],
         new_tokens: spec.new_tokens,
@@ -166,6 +175,43 @@ pub fn run(spec: &RunSpec) -> Result<RunRecord> {
         tokens: runs.last().map(|r| r.tokens.clone()).unwrap_or_default(),
     };
     eprintln!("glm-bench: decode {:.1} tokens/s", decode.tok_s.median);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut decode_variants = Vec::new();
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        for mode in [DecodeMode::Plain, DecodeMode::Fused] {
+            let runs = repeat(spec, || {
+                timed_generate(model, &decode_ids, spec.new_tokens, mode)
+            })?;
+            let variant = DecodeVariant {
+                mode: mode.as_str().into(),
+                batch: 1,
+                tok_s: Stats::new(runs.iter().filter_map(|r| r.decode_tok_s).collect())?,
+                same_tokens: runs.iter().all(|r| r.tokens == decode.tokens),
+            };
+            eprintln!(
+                "glm-bench: decode ({}) {:.1} tokens/s",
+                variant.mode, variant.tok_s.median
+            );
+            decode_variants.push(variant);
+        }
+        for batch in BATCHES {
+            let runs = repeat(spec, || {
+                timed_batch_decode(model, &decode_ids, batch, spec.new_tokens)
+            })?;
+            let variant = DecodeVariant {
+                mode: DecodeMode::default().as_str().into(),
+                batch,
+                tok_s: Stats::new(runs.iter().map(|r| r.0).collect())?,
+                same_tokens: runs.iter().all(|r| r.1),
+            };
+            eprintln!(
+                "glm-bench: decode batch {batch}: {:.1} tokens/s",
+                variant.tok_s.median
+            );
+            decode_variants.push(variant);
+        }
+    }
 
     let mut memory = Memory {
         planned_bytes: Some(glm.plan_used().chosen().total()),
@@ -189,7 +235,7 @@ pub fn run(spec: &RunSpec) -> Result<RunRecord> {
     }
     if spec.full_context {
         let length = spec.context - 1;
-        timed_generate(model, &prompt(length)?, 1)?;
+        timed_generate(model, &prompt(length)?, 1, DecodeMode::default())?;
         memory.full_context_tokens = Some(spec.context);
         #[cfg(feature = "cuda")]
         if let Some(p) = &poller {
@@ -212,6 +258,7 @@ pub fn run(spec: &RunSpec) -> Result<RunRecord> {
         load_s,
         prefill,
         decode,
+        decode_variants,
         memory: has_memory.then_some(memory),
         roofline: Some(roofline),
         context_len: Some(glm.plan_used().context_len),
@@ -240,12 +287,17 @@ pub struct TimedGeneration {
 /// Greedy generation of exactly `new_tokens` tokens after `ids` (no eos stops it), timed per token. Each
 /// token is known on the host when the callback sees it (sampling reads the logits back), so the times
 /// include the device's work.
-pub fn timed_generate(model: &Model, ids: &[u32], new_tokens: usize) -> Result<TimedGeneration> {
+pub fn timed_generate(
+    model: &Model,
+    ids: &[u32],
+    new_tokens: usize,
+    mode: DecodeMode,
+) -> Result<TimedGeneration> {
     let mut sampler = Sampler::new(SamplingConfig::greedy())?;
     let stop = StopCondition::new(Vec::new(), new_tokens)?;
     let mut times = Vec::with_capacity(new_tokens);
     let start = Instant::now();
-    let generation = glm::generate(model, ids, &mut sampler, &stop, |_| {
+    let generation = glm::generate_with(model, ids, &mut sampler, &stop, mode, |_| {
         times.push(start.elapsed().as_secs_f64());
     })?;
     if generation.tokens.len() != new_tokens || times.len() != new_tokens {
@@ -265,6 +317,38 @@ pub fn timed_generate(model: &Model, ids: &[u32], new_tokens: usize) -> Result<T
         decode_tok_s,
         tokens: generation.tokens,
     })
+}
+
+/// Greedy decode of `batch` copies of `ids` through the fused step as a CUDA graph: tokens per second over
+/// all rows (new tokens after the first, from the first to the last), and whether every row chose the same
+/// tokens (they must: the rows are identical).
+#[cfg(feature = "cuda")]
+fn timed_batch_decode(
+    model: &Model,
+    ids: &[u32],
+    batch: usize,
+    new_tokens: usize,
+) -> Result<(f64, bool)> {
+    use candle_core::{Tensor, D};
+    use glm::{CudaDecoder, StepLaunch};
+
+    let prompts = Tensor::new(vec![ids.to_vec(); batch], &Device::Cpu)?;
+    let mut cache = model.new_cache();
+    let first: Vec<u32> = model
+        .forward(&prompts, &mut cache)?
+        .argmax(D::Minus1)?
+        .to_vec1()?;
+    let mut step = CudaDecoder::new(model, batch, StepLaunch::Graph)?;
+    step.set_tokens(&cache, &first)?;
+    let mut rows = vec![first];
+    let start = Instant::now();
+    for _ in 1..new_tokens {
+        step.step(&mut cache)?;
+        rows.push(step.greedy_tokens()?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let same = rows.iter().all(|r| r.iter().all(|&t| t == r[0]));
+    Ok((((new_tokens - 1) * batch) as f64 / secs, same))
 }
 
 /// Bytes of weights one decode step reads: every weight on the device except the embedding table, of

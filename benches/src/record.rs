@@ -74,6 +74,20 @@ pub struct Decode {
     pub tokens: Vec<u32>,
 }
 
+/// Decode of one mode of the decode step (plain op by op, fused kernels, fused as a CUDA graph), batch 1,
+/// or of a batch of sequences in the default mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeVariant {
+    /// "plain", "fused", "graph".
+    pub mode: String,
+    pub batch: usize,
+    /// Tokens per second over all sequences of the batch.
+    pub tok_s: Stats,
+    /// Whether the greedy tokens equal the main decode's (batch 1) or, for a batch, whether every
+    /// sequence (all the same prompt) got the same tokens as the first.
+    pub same_tokens: bool,
+}
+
 /// Device memory, in bytes. Driver figures are used memory minus the usage before the load (the CUDA
 /// context excluded); `method` says how each was taken.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -153,6 +167,9 @@ pub struct RunRecord {
     pub load_s: f64,
     pub prefill: Vec<Prefill>,
     pub decode: Decode,
+    /// Ours on CUDA: the decode step's modes at batch 1 and batches in the default mode.
+    #[serde(default)]
+    pub decode_variants: Vec<DecodeVariant>,
     #[serde(default)]
     pub memory: Option<Memory>,
     #[serde(default)]

@@ -138,6 +138,7 @@ impl Report {
             self.repetitions()
         );
         md.push_str(&self.runs_table());
+        md.push_str(&self.decode_variants_table());
         md.push_str("\n## Goals (issue 9)\n\n");
         let rows = self.goals.iter().map(|g| {
             vec![
@@ -185,6 +186,59 @@ impl Report {
         }
         let same = ours.iter().zip(theirs).take_while(|(a, b)| a == b).count();
         Some((same, ours.len().min(theirs.len())))
+    }
+
+    /// Our decode step's modes and batches (issue 10), where measured: rate, time per step and share of the
+    /// roofline (a batch reads the weights once per step, so its bound is the batch-1 bound × the batch).
+    fn decode_variants_table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .runs
+            .iter()
+            .filter(|r| r.is_ours())
+            .flat_map(|r| {
+                let main = crate::record::DecodeVariant {
+                    mode: "graph".into(),
+                    batch: 1,
+                    tok_s: r.decode.tok_s.clone(),
+                    same_tokens: true,
+                };
+                let variants: Vec<_> = if r.decode_variants.is_empty() {
+                    Vec::new()
+                } else {
+                    std::iter::once(main)
+                        .chain(r.decode_variants.iter().cloned())
+                        .collect()
+                };
+                variants.into_iter().map(move |v| {
+                    let step_ms = 1e3 * v.batch as f64 / v.tok_s.median;
+                    let of_roofline = r.roofline.as_ref().map_or("–".into(), |f| {
+                        format!(
+                            "{:.0}%",
+                            100.0 * v.tok_s.median / (f.bound_tok_s * v.batch as f64)
+                        )
+                    });
+                    vec![
+                        r.variant.clone(),
+                        v.mode.clone(),
+                        v.batch.to_string(),
+                        stat(&v.tok_s, 1.0, 1),
+                        format!("{step_ms:.2}"),
+                        of_roofline,
+                        if v.same_tokens { "yes" } else { "NO" }.into(),
+                    ]
+                })
+            })
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        format!(
+            "\n## Decode step: plain (op by op), fused kernels, fused as a CUDA graph; batches (issue 10)\n\n{}",
+            table(
+                &["glm-run", "mode", "batch", "tok/s", "ms/step", "of roofline", "same tokens"],
+                rows.into_iter()
+            )
+        )
     }
 
     fn runs_table(&self) -> String {
@@ -592,6 +646,7 @@ mod tests {
                     _ => vec![1, 2, 3, 4],
                 },
             },
+            decode_variants: Vec::new(),
             memory: Some(Memory {
                 driver_peak_bytes: Some(6_500_000_000),
                 driver_after_load_bytes: Some(6_000_000_000),

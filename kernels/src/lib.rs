@@ -12,6 +12,7 @@
 #![cfg(feature = "cuda")]
 
 mod attention;
+mod decode;
 mod dequantize;
 mod layout;
 mod matmul;
@@ -21,17 +22,30 @@ mod tensor;
 use std::io::Write;
 
 pub use attention::decode_attention;
+pub use decode::{device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite, DENSE_MAX_ROWS};
 pub use matmul::GEMV_MAX_ROWS;
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
+/// PTX of kernels/activation.cu.
+const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
+/// PTX of kernels/argmax.cu.
+const ARGMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
 /// PTX of kernels/attention.cu.
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// PTX of kernels/dequantize.cu.
 pub const DEQUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequantize.ptx"));
+/// PTX of kernels/embedding.cu.
+const EMBEDDING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/embedding.ptx"));
+/// PTX of kernels/gemv_dense.cu.
+const GEMV_DENSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv_dense.ptx"));
 /// PTX of kernels/gemv_nf4.cu.
 const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv_nf4.ptx"));
+/// PTX of kernels/norm.cu.
+const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 /// PTX of kernels/quantize_nf4.cu.
 const QUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize_nf4.ptx"));
+/// PTX of kernels/rotary.cu.
+const ROTARY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx"));
 /// PTX of kernels/repack_nf4.cu.
 const REPACK_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/repack_nf4.ptx"));
 

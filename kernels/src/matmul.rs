@@ -11,6 +11,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, DType, Shape, Tensor};
 use half::{bf16, f16};
 
+use crate::decode::{device_pointer, DevicePointer};
 use crate::layout::{PackedLayout, TILE_COLS, TILE_ROWS};
 use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
 use crate::{KernelError, GEMV_PTX};
@@ -44,9 +45,9 @@ impl CudaNf4Tensor {
             return Ok(x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?);
         }
         let y = match x.dtype() {
-            DType::F16 => self.gemv::<f16>(&x, rows, n, k)?,
-            DType::BF16 => self.gemv::<bf16>(&x, rows, n, k)?,
-            _ => self.gemv::<f32>(&x, rows, n, k)?,
+            DType::F16 => self.gemv::<f16>(&x, rows, n)?,
+            DType::BF16 => self.gemv::<bf16>(&x, rows, n)?,
+            _ => self.gemv::<f32>(&x, rows, n)?,
         };
         Ok(y.reshape(out_dims)?)
     }
@@ -91,18 +92,64 @@ impl CudaNf4Tensor {
         x: &Tensor,
         rows: usize,
         n: usize,
-        k: usize,
-    ) -> candle_core::Result<Tensor> {
+    ) -> Result<Tensor, KernelError> {
         let dev = self.cuda_device();
-        let suffix = dtype_suffix(x.dtype()).expect("checked in matmul_dims");
         let (x_storage, x_layout) = x.storage_and_layout();
+        let x_view = cuda_view::<T>(&x_storage, x_layout)?;
+        // SAFETY: the kernels write all rows * n outputs.
+        let y = unsafe { dev.alloc::<T>(rows * n)? };
+        // SAFETY: x holds rows * k elements of x's dtype (contiguous, checked by matmul_dims), y rows * n; both
+        // stay alive (borrowed here) until the launch is queued, and the stream orders their later use.
+        unsafe {
+            self.gemv_into(
+                x.dtype(),
+                device_pointer(&x_view, dev),
+                device_pointer(&y, dev),
+                rows,
+            )?
+        };
+        Ok(wrap(y, dev, Shape::from_dims(&[rows, n])))
+    }
+
+    /// `y [rows, N] = x [rows, K] · Wᵀ` for 1 to [`GEMV_MAX_ROWS`] rows, into a caller's buffer: the fused GEMV
+    /// without allocating, for a decode step built from raw buffers (and captured as a CUDA graph).
+    ///
+    /// # Safety
+    /// `x` holds `rows * K` and `y` `rows * N` elements of `dtype` (f32, f16 or bf16) on this tensor's device,
+    /// alive until the kernel has run.
+    pub unsafe fn gemv_into(
+        &self,
+        dtype: DType,
+        x: DevicePointer,
+        y: DevicePointer,
+        rows: usize,
+    ) -> Result<(), KernelError> {
+        let &[n, k] = self.shape.dims() else {
+            return Err(KernelError::BadInput {
+                name: self.name.clone(),
+                problem: format!(
+                    "a GEMV needs a 2-D weight, this one is {:?}",
+                    self.shape.dims()
+                ),
+            });
+        };
+        let Some(suffix) = dtype_suffix(dtype) else {
+            return Err(KernelError::UnsupportedDtype {
+                name: self.name.clone(),
+                dtype,
+            });
+        };
+        if rows == 0 || rows > GEMV_MAX_ROWS {
+            return Err(KernelError::BadInput {
+                name: self.name.clone(),
+                problem: format!("{rows} rows of x: the GEMV takes 1 to {GEMV_MAX_ROWS}"),
+            });
+        }
+        let dev = self.cuda_device();
         // The tiled kernel loads x 16 bytes at a time.
         let tiled = matches!(self.layout, PackedLayout::Tiled { .. })
-            && x.dtype() != DType::F32
-            && x_layout.start_offset() % 8 == 0;
-        let x = cuda_view::<T>(&x_storage, x_layout)?;
-        // SAFETY: the kernels write all rows * n outputs.
-        let mut y = unsafe { dev.alloc::<T>(rows * n)? };
+            && dtype != DType::F32
+            && x.is_multiple_of(16);
         let kind = if tiled { "tiled" } else { "generic" };
         let func = dev.get_or_load_custom_func(
             &format!("gemv_nf4_{kind}_{}{suffix}", self.absmax.kernel_infix()),
@@ -127,7 +174,7 @@ impl CudaNf4Tensor {
             args.arg(&layout);
         }
         self.absmax.push_args(&mut args);
-        args.arg(&x).arg(&mut y);
+        args.arg(&x).arg(&y);
         if tiled {
             args.arg(&n32).arg(&k32).arg(&rows_arg).arg(&split);
         } else {
@@ -136,9 +183,9 @@ impl CudaNf4Tensor {
         args.arg(&blocksize_log2);
         // SAFETY: argument lists match gemv_nf4_{tiled,generic}_[nested_]<suffix> in kernels/gemv_nf4.cu; the
         // tiled kernel needs a tiled weight (N % 16 == 0, K % 64 == 0, blocksize >= 64) and 16-byte aligned rows
-        // of x, both checked above.
+        // of x (K % 64 == 0 keeps every row as aligned as the first), both checked above.
         unsafe { args.launch(cfg) }.w()?;
-        Ok(wrap(y, dev, Shape::from_dims(&[rows, n])))
+        Ok(())
     }
 }
 

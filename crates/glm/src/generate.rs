@@ -3,7 +3,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{GlmError, Result};
-use crate::model::Model;
+use crate::model::{KvCache, Model};
 use crate::sampling::{FinishReason, Sampler, StopCondition};
 
 /// The tokens a [`generate`] call produced, and why it stopped.
@@ -14,13 +14,56 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
+/// How decode steps run on a CUDA device (on the CPU every mode is [`DecodeMode::Plain`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeMode {
+    /// Op by op through candle ([`Model::forward`]): the reference, for debugging.
+    Plain,
+    /// The fused decode step (`CudaDecoder`), launched kernel by kernel.
+    Fused,
+    /// The fused decode step captured once as a CUDA graph and replayed (the default). Falls back to
+    /// [`DecodeMode::Plain`] where the fused step does not apply (see `CudaDecoder::new`).
+    #[default]
+    Graph,
+}
+
+impl DecodeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeMode::Plain => "plain",
+            DecodeMode::Fused => "fused",
+            DecodeMode::Graph => "graph",
+        }
+    }
+}
+
 /// Continues `prompt` with tokens chosen by `sampler` until `stop` says so, passing each new token
-/// to `on_token` as soon as it is chosen.
+/// to `on_token` as soon as it is chosen. Decodes in the default [`DecodeMode`].
 pub fn generate(
     model: &Model,
     prompt: &[u32],
     sampler: &mut Sampler,
     stop: &StopCondition,
+    on_token: impl FnMut(u32),
+) -> Result<Generation> {
+    generate_with(
+        model,
+        prompt,
+        sampler,
+        stop,
+        DecodeMode::default(),
+        on_token,
+    )
+}
+
+/// As [`generate`], decoding in `mode`.
+pub fn generate_with(
+    model: &Model,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    stop: &StopCondition,
+    mode: DecodeMode,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation> {
     if prompt.is_empty() {
@@ -31,19 +74,103 @@ pub fn generate(
     let mut cache = model.new_cache();
     let mut context = prompt.to_vec();
     let mut tokens = Vec::new();
-    let mut input = prompt;
-    let mut next = [0u32; 1];
-    loop {
-        let ids = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&ids, &mut cache)?;
-        let token = sampler.sample_tensor(&logits, &context)?;
+    let mut choose = |token: u32, context: &mut Vec<u32>| {
         context.push(token);
         tokens.push(token);
         on_token(token);
-        if let Some(finish) = stop.check(token, tokens.len()) {
+        stop.check(token, tokens.len())
+    };
+
+    let logits = model.forward(
+        &Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?,
+        &mut cache,
+    )?;
+    let mut token = sampler.sample_tensor(&logits, &context)?;
+    if let Some(finish) = choose(token, &mut context) {
+        return Ok(Generation { tokens, finish });
+    }
+    let mut decoder = Decoder::new(model, mode)?;
+    loop {
+        token = decoder.next(&mut cache, token, sampler, &context)?;
+        if let Some(finish) = choose(token, &mut context) {
             return Ok(Generation { tokens, finish });
         }
-        next[0] = token;
-        input = &next;
+    }
+}
+
+/// The decode loop's step in the chosen mode (one per generation: the size difference costs nothing).
+#[allow(clippy::large_enum_variant)]
+enum Decoder<'m> {
+    Plain(&'m Model),
+    #[cfg(feature = "cuda")]
+    Fused {
+        step: crate::model::CudaDecoder<'m>,
+        /// Whether the device's greedy argmax is the sampler's choice (no penalty, no sampling), so the
+        /// chosen token stays on the device for the next step.
+        on_device: bool,
+        /// Whether the device holds the next input already.
+        primed: bool,
+    },
+}
+
+impl<'m> Decoder<'m> {
+    fn new(model: &'m Model, mode: DecodeMode) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if mode != DecodeMode::Plain && model.device().is_cuda() {
+            let launch = match mode {
+                DecodeMode::Graph => crate::model::StepLaunch::Graph,
+                _ => crate::model::StepLaunch::Direct,
+            };
+            match crate::model::CudaDecoder::new(model, 1, launch) {
+                Ok(step) => {
+                    return Ok(Decoder::Fused {
+                        step,
+                        on_device: false,
+                        primed: false,
+                    })
+                }
+                // Models the fused step does not cover decode op by op.
+                Err(GlmError::Unsupported(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = mode;
+        Ok(Decoder::Plain(model))
+    }
+
+    /// Runs `token` through the model and chooses the next one.
+    fn next(
+        &mut self,
+        cache: &mut KvCache,
+        token: u32,
+        sampler: &mut Sampler,
+        context: &[u32],
+    ) -> Result<u32> {
+        match self {
+            Decoder::Plain(model) => {
+                let logits =
+                    model.forward(&Tensor::new(&[token], &Device::Cpu)?.unsqueeze(0)?, cache)?;
+                Ok(sampler.sample_tensor(&logits, context)?)
+            }
+            #[cfg(feature = "cuda")]
+            Decoder::Fused {
+                step,
+                on_device,
+                primed,
+            } => {
+                if !*primed {
+                    step.set_tokens(cache, &[token])?;
+                    let config = sampler.config();
+                    *on_device = config.is_greedy() && config.repetition_penalty == 1.0;
+                }
+                step.step(cache)?;
+                if *on_device {
+                    *primed = true;
+                    return Ok(step.greedy_tokens()?[0]);
+                }
+                *primed = false;
+                Ok(sampler.sample_tensor(&step.logits()?, context)?)
+            }
+        }
     }
 }

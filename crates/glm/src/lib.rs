@@ -85,7 +85,9 @@ pub mod tokenizer;
 
 pub use config::{Architecture, Config};
 pub use error::{GlmError, Result};
-pub use generate::{generate, Generation};
+pub use generate::{generate, generate_with, DecodeMode, Generation};
 pub use linear::{Linear, LinearWeight};
 pub use loader::{Checkpoint, LoadOptions, LoadProgress};
+#[cfg(feature = "cuda")]
+pub use model::{CudaDecoder, StepLaunch};
 pub use model::{KvCache, Model};

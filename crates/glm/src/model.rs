@@ -30,6 +30,11 @@ use crate::linear::Linear;
 use crate::loader::{Checkpoint, LayerNorm, LayerProj, LoadOptions, WeightLoader};
 use crate::plan::{human_bytes, PREFILL_CHUNK};
 
+#[cfg(feature = "cuda")]
+mod cuda_step;
+#[cfg(feature = "cuda")]
+pub use cuda_step::{CudaDecoder, StepLaunch};
+
 /// RMSNorm as transformers computes it: normalize in f32, cast back, then scale by the weight.
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -504,7 +509,11 @@ impl Model {
     pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.explained(input_ids, || {
             let hidden = self.hidden_states(input_ids, cache, false)?;
-            let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+            // A batch's last rows are strided in `hidden`; the matmuls want them packed.
+            let last = hidden
+                .narrow(1, hidden.dim(1)? - 1, 1)?
+                .squeeze(1)?
+                .contiguous()?;
             self.logits(&last)
         })
     }

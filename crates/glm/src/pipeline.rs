@@ -20,7 +20,7 @@ use candle_core::{DType, Device};
 
 use crate::config::Config;
 use crate::error::{GlmError, Result};
-use crate::generate::generate;
+use crate::generate::{generate_with, DecodeMode};
 use crate::gpu::{self, MeasuredMemory};
 use crate::loader::{LoadOptions, LoadProgress};
 use crate::model::Model;
@@ -98,6 +98,8 @@ impl Prompt {
 pub struct GenerationSettings {
     pub sampling: SamplingConfig,
     pub max_new_tokens: usize,
+    /// How decode steps run on a GPU (ignored on the CPU).
+    pub decode: DecodeMode,
 }
 
 impl Default for GenerationSettings {
@@ -105,6 +107,7 @@ impl Default for GenerationSettings {
         Self {
             sampling: SamplingConfig::greedy(),
             max_new_tokens: 128,
+            decode: DecodeMode::default(),
         }
     }
 }
@@ -243,19 +246,26 @@ impl Glm {
         let mut stream_error = None;
         let start = Instant::now();
         let mut first_token_at = None;
-        let generation = generate(&self.model, &prompt_tokens, &mut sampler, &stop, |token| {
-            first_token_at.get_or_insert_with(|| start.elapsed());
-            match stream.push(token) {
-                Ok(Some(piece)) => {
-                    on_text(&piece);
-                    text.push_str(&piece);
+        let generation = generate_with(
+            &self.model,
+            &prompt_tokens,
+            &mut sampler,
+            &stop,
+            settings.decode,
+            |token| {
+                first_token_at.get_or_insert_with(|| start.elapsed());
+                match stream.push(token) {
+                    Ok(Some(piece)) => {
+                        on_text(&piece);
+                        text.push_str(&piece);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        stream_error.get_or_insert(e);
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    stream_error.get_or_insert(e);
-                }
-            }
-        })?;
+            },
+        )?;
         let total = start.elapsed().as_secs_f64();
         if let Some(e) = stream_error {
             return Err(e.into());

@@ -191,6 +191,7 @@ mod tokens {
         let settings = GenerationSettings {
             sampling: SamplingConfig::greedy(),
             max_new_tokens: 48,
+            ..GenerationSettings::default()
         };
         let prompt = Prompt::chat(None, "What say you to my love?");
         for (dtype, quant, lean) in [
@@ -415,5 +416,161 @@ mod memory {
             m.peak_load,
             m.after_load
         );
+    }
+}
+
+/// The fused decode step (CudaDecoder), launched kernel by kernel and as a CUDA graph, against the plain
+/// op-by-op decoder: the same greedy tokens, and bit-identical logits between the two fused modes.
+mod decode_step {
+    use super::*;
+    use glm::sampling::{Sampler, StopCondition};
+    use glm::{generate_with, CudaDecoder, DecodeMode, StepLaunch};
+
+    const STEPS: usize = 24;
+
+    fn tokens_in(
+        model: &Model,
+        prompt: &[u32],
+        mode: DecodeMode,
+        sampling: SamplingConfig,
+    ) -> Vec<u32> {
+        let mut sampler = Sampler::new(sampling).unwrap();
+        let stop = StopCondition::new(Vec::<u32>::new(), STEPS).unwrap();
+        generate_with(model, prompt, &mut sampler, &stop, mode, |_| {})
+            .unwrap()
+            .tokens
+    }
+
+    fn gpu_options(gpu: &Device, dtype: DType, quantize: bool, lean: bool) -> LoadOptions {
+        LoadOptions {
+            device: gpu.clone(),
+            dtype,
+            quantize: quantize.then(nf4::QuantOptions::default),
+            quantize_lm_head: lean,
+            embeddings_on_host: lean,
+            kv_capacity: Some(64),
+            ..LoadOptions::default()
+        }
+    }
+
+    #[test]
+    fn fused_and_graph_decode_give_the_plain_decoders_tokens() {
+        let Some(gpu) =
+            cuda_device_or_skip("fused_and_graph_decode_give_the_plain_decoders_tokens")
+        else {
+            return;
+        };
+        let sampled = SamplingConfig {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 20,
+            repetition_penalty: 1.1,
+            seed: 7,
+        };
+        for (name, dtype, quantize, lean) in [
+            ("glm", DType::F32, false, false),
+            ("glm4", DType::F32, false, false),
+            ("glm4v", DType::F32, false, false),
+            ("chatglm", DType::F32, false, false),
+            ("glm4", DType::F16, false, false),
+            ("glm4", DType::BF16, false, false),
+            ("glm", DType::F32, true, false),
+            ("glm4", DType::F16, true, false),
+            ("chatglm", DType::BF16, true, false),
+            ("glm4-nf4", DType::F16, false, false),
+            ("glm4", DType::F32, true, true),
+        ] {
+            let model =
+                Model::load(fixture(name), &gpu_options(&gpu, dtype, quantize, lean)).unwrap();
+            let what = format!("{name} {dtype:?} quantize={quantize} lean={lean}");
+            CudaDecoder::new(&model, 1, StepLaunch::Graph)
+                .unwrap_or_else(|e| panic!("{what}: the fused step should cover it: {e}"));
+            for (i, prompt) in fixture_prompts(name).iter().enumerate() {
+                let plain = tokens_in(&model, prompt, DecodeMode::Plain, SamplingConfig::greedy());
+                for mode in [DecodeMode::Fused, DecodeMode::Graph] {
+                    let got = tokens_in(&model, prompt, mode, SamplingConfig::greedy());
+                    assert_eq!(
+                        got, plain,
+                        "{what}: prompt {i}: greedy tokens, {mode:?} vs plain"
+                    );
+                }
+                // Sampling on the host from the fused step's logits (f32 only: the draws must not sit
+                // on a rounding difference).
+                if dtype == DType::F32 {
+                    let plain = tokens_in(&model, prompt, DecodeMode::Plain, sampled.clone());
+                    let got = tokens_in(&model, prompt, DecodeMode::Graph, sampled.clone());
+                    assert_eq!(
+                        got, plain,
+                        "{what}: prompt {i}: sampled tokens, graph vs plain"
+                    );
+                }
+            }
+            println!("{what}: plain, fused and graph decode give the same tokens");
+        }
+    }
+
+    /// Logits of `steps` decode steps after a prefill of `prompts` (one row per sequence), feeding
+    /// `forced` tokens; [steps, batch, vocab] on the host.
+    fn fused_logits(
+        model: &Model,
+        prompts: &Tensor,
+        forced: &[Vec<u32>],
+        launch: StepLaunch,
+    ) -> Vec<Tensor> {
+        let mut cache = model.new_cache();
+        model.forward(prompts, &mut cache).unwrap();
+        let mut step = CudaDecoder::new(model, prompts.dim(0).unwrap(), launch).unwrap();
+        forced
+            .iter()
+            .map(|tokens| {
+                step.set_tokens(&cache, tokens).unwrap();
+                step.step(&mut cache).unwrap();
+                step.logits().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn graph_replays_are_bit_identical_to_direct_launches_for_a_batch() {
+        let Some(gpu) =
+            cuda_device_or_skip("graph_replays_are_bit_identical_to_direct_launches_for_a_batch")
+        else {
+            return;
+        };
+        for (dtype, quantize, tolerance) in [(DType::F32, false, 1e-5), (DType::F16, true, 5e-3)] {
+            let model =
+                Model::load(fixture("glm4"), &gpu_options(&gpu, dtype, quantize, false)).unwrap();
+            let prompts = fixture_prompts("glm4");
+            let len = prompts.iter().map(Vec::len).min().unwrap();
+            let rows: Vec<Vec<u32>> = prompts.iter().map(|p| p[..len].to_vec()).collect();
+            let batch = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+            let forced: Vec<Vec<u32>> = (0..6u32)
+                .map(|i| vec![i * 37 % 300, i * 11 % 300])
+                .collect();
+            let direct = fused_logits(&model, &batch, &forced, StepLaunch::Direct);
+            let graph = fused_logits(&model, &batch, &forced, StepLaunch::Graph);
+            for (i, (d, g)) in direct.iter().zip(&graph).enumerate() {
+                let (d, g) = (d.to_vec2::<f32>().unwrap(), g.to_vec2::<f32>().unwrap());
+                assert!(
+                    d == g,
+                    "{dtype:?}: step {i}: graph logits differ from direct launches"
+                );
+            }
+            // And each row of the batch matches the plain decoder run on that sequence alone.
+            for (r, prompt) in rows.iter().enumerate() {
+                let mut cache = model.new_cache();
+                model.forward(&row(prompt), &mut cache).unwrap();
+                for (i, tokens) in forced.iter().enumerate() {
+                    let want = model.forward(&row(&tokens[r..r + 1]), &mut cache).unwrap();
+                    let got = graph[i].get(r).unwrap().unsqueeze(0).unwrap();
+                    let diff = max_abs(&(got - &want.to_device(&Device::Cpu).unwrap()).unwrap())
+                        / max_abs(&want);
+                    assert!(diff <= tolerance, "{dtype:?}: row {r} step {i}: {diff:.2e}");
+                }
+            }
+            println!(
+                "{dtype:?} quantize={quantize}: graph = direct bit for bit; batch rows match plain"
+            );
+        }
     }
 }

@@ -6,6 +6,7 @@ mod common;
 
 mod attention;
 mod cublas;
+mod decode;
 mod dequantize;
 mod matmul;
 mod quantize;

@@ -1,0 +1,617 @@
+//! The decode step on a CUDA device as a fixed sequence of our kernels over preallocated buffers, launched
+//! directly or replayed as one captured CUDA graph.
+//!
+//! [`Model::forward`] decodes op by op through candle: some fifty launches per layer, each with host-side
+//! dispatch and an allocation, which costs far more than reading the weights (benches/results/decode-overhead.md).
+//! [`CudaDecoder`] runs the same arithmetic as eleven kernels per layer (norms fused with the residual adds, bias +
+//! rotary + KV-cache write in one, silu·up in one, GEMVs writing into scratch buffers) with nothing allocated
+//! per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
+//! previous step's greedy argmax wrote, the rotary and attention kernels read the position, and the argmax kernel
+//! advances it, so that every step has the same arguments and one CUDA graph, captured at the second step,
+//! serves all the others. The only host-device traffic per token is reading the chosen token ids back.
+//!
+//! Both modes launch the same kernels with the same arguments, so they give identical logits; the plain
+//! [`Model::forward`] stays for the CPU, for prefill and for debugging (the GPU tests compare the three).
+
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
+use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
+use glm_kernels::{device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite};
+use std::sync::Arc;
+
+use super::{DecoderLayer, KvCache, Model};
+use crate::error::{GlmError, Result};
+use crate::gpu::kernel_error;
+use crate::linear::{Linear, LinearWeight};
+
+/// A projection as the step launches it.
+enum Projection<'m> {
+    /// A dense `[n, k]` weight in the compute dtype.
+    Dense {
+        weight: DevicePointer,
+        n: usize,
+        k: usize,
+    },
+    Nf4(&'m glm_kernels::CudaNf4Tensor),
+}
+
+/// Device addresses of one layer's weights.
+struct LayerWeights<'m> {
+    input_norm: DevicePointer,
+    post_attention_norm: DevicePointer,
+    /// GLM-4-0414: the norms of the attention and MLP outputs.
+    post_sublayer_norms: Option<(DevicePointer, DevicePointer)>,
+    q: Projection<'m>,
+    k: Projection<'m>,
+    v: Projection<'m>,
+    qkv_bias: Option<[DevicePointer; 3]>,
+    o: Projection<'m>,
+    gate_up: Projection<'m>,
+    down: Projection<'m>,
+}
+
+/// The step's scratch, allocated once: activations of every stage for `batch` rows, the token ids and the
+/// position.
+struct Buffers {
+    residual: CudaSlice<u8>,
+    normed: CudaSlice<u8>,
+    q_raw: CudaSlice<u8>,
+    k_raw: CudaSlice<u8>,
+    v_raw: CudaSlice<u8>,
+    q: CudaSlice<u8>,
+    attention: CudaSlice<u8>,
+    projected: CudaSlice<u8>,
+    gate_up: CudaSlice<u8>,
+    activation: CudaSlice<u8>,
+    logits: CudaSlice<u8>,
+    tokens: CudaSlice<u32>,
+    position: CudaSlice<u32>,
+    inv_freq: CudaSlice<f32>,
+}
+
+/// A captured decode step and the KV-cache buffers it was captured with.
+struct CapturedStep {
+    graph: CudaGraph,
+    cache: Vec<(DevicePointer, DevicePointer)>,
+}
+
+/// How a [`CudaDecoder`] launches its step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepLaunch {
+    /// Kernel by kernel from the host, every step.
+    Direct,
+    /// Captured once as a CUDA graph, then replayed.
+    Graph,
+}
+
+/// The fused decode step of a [`Model`] on a CUDA device for a batch of equal-length sequences.
+pub struct CudaDecoder<'m> {
+    model: &'m Model,
+    dev: CudaDevice,
+    stream: Arc<CudaStream>,
+    kernels: DecodeKernels,
+    layers: Vec<LayerWeights<'m>>,
+    final_norm: DevicePointer,
+    lm_head: Projection<'m>,
+    /// The embedding table's address when it is on the device; None when it is in host memory.
+    embedding: Option<DevicePointer>,
+    buffers: Buffers,
+    batch: usize,
+    launch: StepLaunch,
+    captured: Option<CapturedStep>,
+    /// The token ids of the next step as the host knows them (needed for a table in host memory).
+    host_tokens: Vec<u32>,
+    steps: usize,
+}
+
+impl<'m> CudaDecoder<'m> {
+    /// The decoder for `batch` sequences of `model`, or why the model cannot take this path (it then decodes
+    /// through [`Model::forward`]).
+    pub fn new(model: &'m Model, batch: usize, launch: StepLaunch) -> Result<Self> {
+        let Device::Cuda(dev) = model.device() else {
+            return Err(unsupported("the model is not on a CUDA device"));
+        };
+        if model.kv_capacity.is_none() {
+            return Err(unsupported(
+                "the KV cache grows instead of being preallocated (no context length planned)",
+            ));
+        }
+        if batch == 0 || batch > glm_kernels::GEMV_MAX_ROWS {
+            return Err(unsupported(&format!(
+                "a batch of {batch}: the decode kernels take 1 to {}",
+                glm_kernels::GEMV_MAX_ROWS
+            )));
+        }
+        let c = model.config();
+        if !c.head_dim.is_multiple_of(2)
+            || !c.rotary_dim().is_multiple_of(2)
+            || c.rotary_dim() > c.head_dim
+        {
+            return Err(unsupported("an odd head or rotary dimension"));
+        }
+        let dtype = model.dtype();
+        let kernels = DecodeKernels::new(dev, dtype).map_err(kernel_error)?;
+        let layers = model
+            .layers
+            .iter()
+            .map(LayerWeights::new)
+            .collect::<Result<Vec<_>>>()?;
+        let on_device = model.embed_tokens.device().is_cuda();
+        let lm_head = match &model.lm_head {
+            Some(head) => projection(head, "lm_head")?,
+            None if on_device => Projection::Dense {
+                weight: tensor_pointer(&model.embed_tokens)?,
+                n: c.vocab_size,
+                k: c.hidden_size,
+            },
+            None => {
+                return Err(unsupported(
+                    "the lm_head is tied to an embedding table kept in host memory",
+                ))
+            }
+        };
+        let embedding = if on_device {
+            Some(tensor_pointer(&model.embed_tokens)?)
+        } else {
+            None
+        };
+        let buffers = Buffers::new(dev, model, batch)?;
+        Ok(Self {
+            model,
+            dev: dev.clone(),
+            stream: dev.cuda_stream(),
+            kernels,
+            layers,
+            final_norm: tensor_pointer(&model.norm.weight)?,
+            lm_head,
+            embedding,
+            buffers,
+            batch,
+            launch,
+            captured: None,
+            host_tokens: Vec::new(),
+            steps: 0,
+        })
+    }
+
+    /// Sets the next step's input: one token id per sequence, at the position after what `cache` holds (after a
+    /// prefill, or after the host sampled tokens).
+    pub fn set_tokens(&mut self, cache: &KvCache, tokens: &[u32]) -> Result<()> {
+        if tokens.len() != self.batch {
+            return Err(GlmError::Input(format!(
+                "{} token ids for a decoder of {} sequences",
+                tokens.len(),
+                self.batch
+            )));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(GlmError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab} tokens"
+            )));
+        }
+        let position = [cache.seq_len as u32];
+        self.stream
+            .memcpy_htod(tokens, &mut self.buffers.tokens)
+            .map_err(candle)?;
+        self.stream
+            .memcpy_htod(&position, &mut self.buffers.position)
+            .map_err(candle)?;
+        self.host_tokens = tokens.to_vec();
+        Ok(())
+    }
+
+    /// Runs one token per sequence (the ids last set or chosen on the device) through the model, appending to
+    /// `cache`, and leaves the logits and the greedy choice of the next tokens on the device.
+    pub fn step(&mut self, cache: &mut KvCache) -> Result<()> {
+        let (cache_pointers, capacity) = self.check_cache(cache)?;
+        self.embed()?;
+        match self.launch {
+            // The first step loads every kernel module; capture needs them loaded.
+            StepLaunch::Graph if self.steps > 0 => {
+                if self
+                    .captured
+                    .as_ref()
+                    .is_none_or(|c| c.cache != cache_pointers)
+                {
+                    self.captured = Some(self.capture(&cache_pointers, capacity)?);
+                }
+                let captured = self.captured.as_ref().expect("captured above");
+                captured.graph.launch().map_err(candle)?;
+            }
+            _ => self.launch_body(&cache_pointers, capacity)?,
+        }
+        cache.seq_len += 1;
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// The greedy choice after the last step, one id per sequence: the device already holds it as the next
+    /// step's input. Reading it waits for the step to finish.
+    pub fn greedy_tokens(&mut self) -> Result<Vec<u32>> {
+        let tokens = self
+            .stream
+            .clone_dtoh(&self.buffers.tokens)
+            .map_err(candle)?;
+        if tokens.contains(&u32::MAX) {
+            return Err(GlmError::Input(
+                "the logits hold NaN: the model's weights or activations overflowed (try --dtype bf16 or f32)"
+                    .into(),
+            ));
+        }
+        self.host_tokens.clone_from(&tokens);
+        Ok(tokens)
+    }
+
+    /// The f32 logits of the last step, `[batch, vocab]`, on the host (for sampling other than greedy).
+    pub fn logits(&self) -> Result<Tensor> {
+        let bytes = self
+            .stream
+            .clone_dtoh(&self.buffers.logits)
+            .map_err(candle)?;
+        let shape = (self.batch, self.model.config().vocab_size);
+        let host = match self.model.dtype() {
+            DType::F16 => Tensor::from_vec(
+                bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes),
+                shape,
+                &Device::Cpu,
+            )?,
+            DType::BF16 => Tensor::from_vec(
+                bytemuck::pod_collect_to_vec::<u8, half::bf16>(&bytes),
+                shape,
+                &Device::Cpu,
+            )?,
+            _ => Tensor::from_vec(
+                bytemuck::pod_collect_to_vec::<u8, f32>(&bytes),
+                shape,
+                &Device::Cpu,
+            )?,
+        };
+        Ok(host.to_dtype(DType::F32)?)
+    }
+
+    /// The KV-cache buffers of every layer, after checking that `cache` fits this decoder and has room.
+    fn check_cache(&self, cache: &KvCache) -> Result<(Vec<(DevicePointer, DevicePointer)>, usize)> {
+        let Some(capacity) = cache.capacity else {
+            return Err(GlmError::Input(
+                "the decode step needs a preallocated KV cache (a planned context length)".into(),
+            ));
+        };
+        if cache.seq_len == 0 {
+            return Err(GlmError::Input(
+                "the decode step continues a prefilled KV cache; this one is empty".into(),
+            ));
+        }
+        if cache.seq_len >= capacity {
+            return Err(GlmError::Input(format!(
+                "the KV cache is full ({capacity} tokens): plan a longer context (--context)"
+            )));
+        }
+        let pointers = cache
+            .layers
+            .iter()
+            .map(|layer| {
+                let Some((k, v)) = layer else {
+                    return Err(GlmError::Input(
+                        "the KV cache belongs to a different model".into(),
+                    ));
+                };
+                if k.dim(0)? != self.batch {
+                    return Err(GlmError::Input(format!(
+                        "the KV cache holds {} sequences, the decoder {}",
+                        k.dim(0)?,
+                        self.batch
+                    )));
+                }
+                Ok((tensor_pointer(k)?, tensor_pointer(v)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((pointers, capacity))
+    }
+
+    /// The input rows of the step: looked up on the device from the ids there, or in host memory and copied.
+    fn embed(&mut self) -> Result<()> {
+        let hidden = self.model.config().hidden_size;
+        let residual = device_pointer(&self.buffers.residual, &self.dev);
+        if let Some(table) = self.embedding {
+            let tokens = device_pointer(&self.buffers.tokens, &self.dev);
+            // SAFETY: the table has vocab rows of `hidden` (the ids were checked or came from argmax over the
+            // vocab), `residual` holds batch rows.
+            return unsafe {
+                self.kernels
+                    .embed_rows(table, tokens, residual, self.batch, hidden)
+            }
+            .map_err(kernel_error);
+        }
+        let ids = Tensor::new(self.host_tokens.as_slice(), &Device::Cpu)?;
+        let rows = self
+            .model
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_device(self.model.device())?;
+        let bytes = rows.elem_count() * rows.dtype().size_in_bytes();
+        let (storage, layout) = rows.storage_and_layout();
+        let Storage::Cuda(storage) = &*storage else {
+            unreachable!("moved to the CUDA device above")
+        };
+        let source = slice_pointer(storage, layout.start_offset(), rows.dtype())?;
+        // SAFETY: both hold `bytes` bytes on this device; `rows` lives until the copy has been queued, and its
+        // memory is freed in stream order after it.
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async(
+                residual,
+                source,
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(candle)
+    }
+
+    /// Captures the step's launches as a CUDA graph.
+    fn capture(
+        &self,
+        cache: &[(DevicePointer, DevicePointer)],
+        capacity: usize,
+    ) -> Result<CapturedStep> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(candle)?;
+        let launched = self.launch_body(cache, capacity);
+        // End the capture whatever happened, so the stream is usable again.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        launched?;
+        let graph = graph
+            .map_err(candle)?
+            .ok_or_else(|| unsupported("the captured decode step is empty"))?;
+        Ok(CapturedStep {
+            graph,
+            cache: cache.to_vec(),
+        })
+    }
+
+    /// Every launch of one step after the embedding: the layers, the final norm, the lm_head and the argmax.
+    fn launch_body(&self, cache: &[(DevicePointer, DevicePointer)], capacity: usize) -> Result<()> {
+        let c = self.model.config();
+        let (rows, hidden) = (self.batch, c.hidden_size);
+        let eps = c.rms_norm_eps as f32;
+        let b = &self.buffers;
+        let p = |slice: &CudaSlice<u8>| device_pointer(slice, &self.dev);
+        let (residual, normed) = (p(&b.residual), p(&b.normed));
+        let position = device_pointer(&b.position, &self.dev);
+        let k = &self.kernels;
+        // SAFETY (every launch below): the scratch buffers were sized for `batch` rows of each stage in
+        // Buffers::new, the weights are the model's (borrowed for 'm), the cache buffers hold `capacity`
+        // tokens per head and check_cache made sure the position is inside.
+        unsafe {
+            k.rms_norm(
+                residual,
+                self.layers[0].input_norm,
+                normed,
+                rows,
+                hidden,
+                eps,
+            )
+            .map_err(kernel_error)?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                let (q_raw, k_raw, v_raw) = (p(&b.q_raw), p(&b.k_raw), p(&b.v_raw));
+                self.project(&layer.q, normed, q_raw)?;
+                self.project(&layer.k, normed, k_raw)?;
+                self.project(&layer.v, normed, v_raw)?;
+                let (k_cache, v_cache) = cache[i];
+                k.rotary_kv_write(&RotaryKvWrite {
+                    batch: rows,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    rotary_dim: c.rotary_dim(),
+                    capacity,
+                    q_raw,
+                    k_raw,
+                    v_raw,
+                    biases: layer.qkv_bias,
+                    inv_freq: device_pointer(&b.inv_freq, &self.dev),
+                    pos: position,
+                    q_out: p(&b.q),
+                    k_cache,
+                    v_cache,
+                })
+                .map_err(kernel_error)?;
+                k.attention_at(
+                    p(&b.q),
+                    k_cache,
+                    v_cache,
+                    p(&b.attention),
+                    rows * c.num_attention_heads,
+                    c.num_attention_heads / c.num_key_value_heads,
+                    capacity,
+                    position,
+                    c.head_dim,
+                    (c.head_dim as f32).powf(-0.5),
+                )
+                .map_err(kernel_error)?;
+                self.project(&layer.o, p(&b.attention), p(&b.projected))?;
+                k.residual_rms_norm(
+                    residual,
+                    p(&b.projected),
+                    layer.post_sublayer_norms.map(|(attn, _)| attn),
+                    layer.post_attention_norm,
+                    normed,
+                    rows,
+                    hidden,
+                    eps,
+                )
+                .map_err(kernel_error)?;
+                self.project(&layer.gate_up, normed, p(&b.gate_up))?;
+                k.silu_mul(p(&b.gate_up), p(&b.activation), rows, c.intermediate_size)
+                    .map_err(kernel_error)?;
+                self.project(&layer.down, p(&b.activation), p(&b.projected))?;
+                let next_norm = self
+                    .layers
+                    .get(i + 1)
+                    .map_or(self.final_norm, |next| next.input_norm);
+                k.residual_rms_norm(
+                    residual,
+                    p(&b.projected),
+                    layer.post_sublayer_norms.map(|(_, mlp)| mlp),
+                    next_norm,
+                    normed,
+                    rows,
+                    hidden,
+                    eps,
+                )
+                .map_err(kernel_error)?;
+            }
+            self.project(&self.lm_head, normed, p(&b.logits))?;
+            k.argmax_rows(
+                p(&b.logits),
+                c.vocab_size,
+                device_pointer(&b.tokens, &self.dev),
+                position,
+                rows,
+            )
+            .map_err(kernel_error)
+        }
+    }
+
+    /// `y = x · Wᵀ` for the step's rows.
+    ///
+    /// # Safety
+    /// `x` holds `batch` rows of the weight's input width and `y` of its output width.
+    unsafe fn project(
+        &self,
+        weight: &Projection<'_>,
+        x: DevicePointer,
+        y: DevicePointer,
+    ) -> Result<()> {
+        let dtype = self.kernels.dtype();
+        match weight {
+            Projection::Nf4(w) => unsafe { w.gemv_into(dtype, x, y, self.batch) },
+            &Projection::Dense { weight, n, k } => unsafe {
+                self.kernels.gemv_dense(weight, x, y, self.batch, n, k)
+            },
+        }
+        .map_err(kernel_error)
+    }
+}
+
+impl<'m> LayerWeights<'m> {
+    fn new(layer: &'m DecoderLayer) -> Result<Self> {
+        let a = &layer.self_attn;
+        let biases = [&a.q_proj, &a.k_proj, &a.v_proj].map(Linear::bias);
+        let qkv_bias = match biases {
+            [Some(q), Some(k), Some(v)] => {
+                Some([tensor_pointer(q)?, tensor_pointer(k)?, tensor_pointer(v)?])
+            }
+            [None, None, None] => None,
+            _ => return Err(unsupported("only some of q/k/v have a bias")),
+        };
+        if a.o_proj.bias().is_some()
+            || layer.mlp.gate_up_proj.bias().is_some()
+            || layer.mlp.down_proj.bias().is_some()
+        {
+            return Err(unsupported("an o/gate_up/down projection with a bias"));
+        }
+        let post_sublayer_norms = match &layer.post_sublayer_norms {
+            Some((attn, mlp)) => {
+                Some((tensor_pointer(&attn.weight)?, tensor_pointer(&mlp.weight)?))
+            }
+            None => None,
+        };
+        Ok(Self {
+            input_norm: tensor_pointer(&layer.input_layernorm.weight)?,
+            post_attention_norm: tensor_pointer(&layer.post_attention_layernorm.weight)?,
+            post_sublayer_norms,
+            q: projection(&a.q_proj, "q_proj")?,
+            k: projection(&a.k_proj, "k_proj")?,
+            v: projection(&a.v_proj, "v_proj")?,
+            qkv_bias,
+            o: projection(&a.o_proj, "o_proj")?,
+            gate_up: projection(&layer.mlp.gate_up_proj, "gate_up_proj")?,
+            down: projection(&layer.mlp.down_proj, "down_proj")?,
+        })
+    }
+}
+
+fn projection<'m>(linear: &'m Linear, what: &str) -> Result<Projection<'m>> {
+    match linear.weight() {
+        LinearWeight::Dense(w) => Ok(Projection::Dense {
+            weight: tensor_pointer(w)?,
+            n: linear.out_features(),
+            k: linear.in_features(),
+        }),
+        LinearWeight::CudaNf4 { packed, .. } => Ok(Projection::Nf4(packed.tensor())),
+        LinearWeight::Nf4 { .. } => Err(unsupported(&format!(
+            "{what} is a 4-bit weight in host memory"
+        ))),
+    }
+}
+
+impl Buffers {
+    fn new(dev: &CudaDevice, model: &Model, batch: usize) -> Result<Self> {
+        let c = model.config();
+        let elem = model.dtype().size_in_bytes();
+        let alloc = |elements: usize| -> Result<CudaSlice<u8>> {
+            Ok(dev.alloc_zeros::<u8>(batch * elements * elem)?)
+        };
+        let q_width = c.num_attention_heads * c.head_dim;
+        let kv_width = c.num_key_value_heads * c.head_dim;
+        let inv_freq: Vec<f32> = model.rotary.inv_freq.flatten_all()?.to_vec1()?;
+        Ok(Self {
+            residual: alloc(c.hidden_size)?,
+            normed: alloc(c.hidden_size)?,
+            q_raw: alloc(q_width)?,
+            k_raw: alloc(kv_width)?,
+            v_raw: alloc(kv_width)?,
+            q: alloc(q_width)?,
+            attention: alloc(q_width)?,
+            projected: alloc(c.hidden_size)?,
+            gate_up: alloc(2 * c.intermediate_size)?,
+            activation: alloc(c.intermediate_size)?,
+            logits: alloc(c.vocab_size)?,
+            tokens: dev.alloc_zeros::<u32>(batch)?,
+            position: dev.alloc_zeros::<u32>(1)?,
+            inv_freq: dev.clone_htod(&inv_freq)?,
+        })
+    }
+}
+
+/// The device address of a contiguous tensor's first element.
+fn tensor_pointer(t: &Tensor) -> Result<DevicePointer> {
+    if !t.is_contiguous() {
+        return Err(unsupported("a weight that is not contiguous"));
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        return Err(unsupported("a weight in host memory"));
+    };
+    slice_pointer(storage, layout.start_offset(), t.dtype())
+}
+
+/// The device address of element `offset` of a CUDA storage.
+fn slice_pointer(
+    storage: &candle_core::CudaStorage,
+    offset: usize,
+    dtype: DType,
+) -> Result<DevicePointer> {
+    let dev = &storage.device;
+    let base = match dtype {
+        DType::F32 => device_pointer(storage.as_cuda_slice::<f32>()?, dev),
+        DType::F16 => device_pointer(storage.as_cuda_slice::<half::f16>()?, dev),
+        DType::BF16 => device_pointer(storage.as_cuda_slice::<half::bf16>()?, dev),
+        other => return Err(unsupported(&format!("a {other:?} tensor"))),
+    };
+    Ok(base + (offset * dtype.size_in_bytes()) as u64)
+}
+
+fn unsupported(why: &str) -> GlmError {
+    GlmError::Unsupported(format!(
+        "the fused CUDA decode step cannot run this model: {why}"
+    ))
+}
+
+fn candle(error: candle_core::cuda_backend::cudarc::driver::DriverError) -> GlmError {
+    GlmError::Candle(candle_core::Error::Cuda(Box::new(error)))
+}

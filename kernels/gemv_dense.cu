@@ -1,0 +1,92 @@
+// Dense matrix-vector products for decode: y = x · Wᵀ for 1..8 rows of x, W [N, K] in f32/f16/bf16, f32 accumulation,
+// writing into a caller's buffer (the decode step's preallocated scratch), which candle's cuBLAS matmul cannot.
+// CPU reference: an f64 matmul of the same values; GPU test: kernels/tests/gpu_kernels/decode.rs.
+//
+// One warp per output row. With K a multiple of the vector width a lane streams 16-byte chunks of its row
+// (DENSE_CHUNKS_IN_FLIGHT loads issued before any is used) and reads x through L1; otherwise element by element.
+#include "common.cuh"
+
+#define DENSE_WARPS 8
+#define DENSE_MAX_BATCH 8
+#define DENSE_CHUNKS_IN_FLIGHT 4
+
+template <typename T> union Chunk {
+    uint4 raw;
+    T values[16 / sizeof(T)];
+};
+
+// Weights are read once: keep them out of L1, which holds x.
+__device__ __forceinline__ uint4 load_weights(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+template <typename T>
+__device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *__restrict__ y, unsigned n,
+                           unsigned k, unsigned batch, unsigned vectorized) {
+    constexpr unsigned VEC = 16 / sizeof(T);
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned row = blockIdx.x * DENSE_WARPS + warp;
+    if (row >= n) return;
+    const T *w_row = w + (size_t)row * k;
+    float acc[DENSE_MAX_BATCH];
+#pragma unroll
+    for (int b = 0; b < DENSE_MAX_BATCH; ++b) acc[b] = 0.0f;
+
+    if (vectorized) {
+        const unsigned chunks = k / VEC;
+        const uint4 *w_chunks = reinterpret_cast<const uint4 *>(w_row);
+        for (unsigned base = lane; base < chunks; base += 32 * DENSE_CHUNKS_IN_FLIGHT) {
+            Chunk<T> wc[DENSE_CHUNKS_IN_FLIGHT];
+#pragma unroll
+            for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
+                const unsigned c = base + 32 * i;
+                wc[i].raw = c < chunks ? load_weights(w_chunks + c) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
+                const unsigned c = base + 32 * i;
+                if (c >= chunks) break;
+#pragma unroll
+                for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
+                    if (b >= batch) break;
+                    Chunk<T> xc;
+                    xc.raw = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k) + c);
+#pragma unroll
+                    for (unsigned e = 0; e < VEC; ++e) acc[b] = fmaf(to_f32(wc[i].values[e]), to_f32(xc.values[e]), acc[b]);
+                }
+            }
+        }
+    } else {
+        for (unsigned col = lane; col < k; col += 32) {
+            const float wv = to_f32(w_row[col]);
+#pragma unroll
+            for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
+                if (b >= batch) break;
+                acc[b] = fmaf(wv, to_f32(x[(size_t)b * k + col]), acc[b]);
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
+        if (b >= batch) break;
+        float v = acc[b];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+        if (lane == 0) y[(size_t)b * n + row] = from_f32<T>(v);
+    }
+}
+
+#define GEMV_DENSE_KERNEL(SUFFIX, T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * DENSE_WARPS)                                           \
+        gemv_dense_##SUFFIX(const T *w, const T *x, T *y, unsigned n, unsigned k, unsigned batch,              \
+                            unsigned vectorized) {                                                            \
+        gemv_dense<T>(w, x, y, n, k, batch, vectorized);                                                      \
+    }
+
+GEMV_DENSE_KERNEL(f32, float)
+GEMV_DENSE_KERNEL(f16, __half)
+GEMV_DENSE_KERNEL(bf16, __nv_bfloat16)
