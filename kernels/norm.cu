@@ -1,60 +1,91 @@
 // RMSNorm of decode rows, fused with the residual add before it (and GLM-4-0414's norm of the sublayer output).
 // CPU reference: crates/glm's RmsNorm and residual adds (candle ops); GPU test: kernels/tests/gpu_kernels/decode.rs.
 //
-// One block per row. Rounding follows the op-by-op decoder: the normalized row is rounded to T before the weight
-// multiplies it, and the residual sum is rounded to T, so that both paths see the same values.
+// One block of NORM_THREADS per row, each thread keeping its (at most NORM_PER_THREAD) elements in registers, so
+// a row is read once and written once: a decode step has one row per sequence, and a block that loops over a
+// row measured 14 µs where the memory time is well under one (benches/results/decode-overhead.md).
+// Rounding follows the op-by-op decoder: the normalized row is rounded to T before the weight multiplies it, and
+// the residual sum is rounded to T, so that both paths see the same values.
 #include "common.cuh"
 
-// 1 / rms(row) in f32, as RmsNorm computes it: 1 / sqrt(mean(x²) + eps).
-template <typename T> __device__ float inv_rms(const T *row, unsigned dim, float eps) {
+#define NORM_THREADS 1024
+// Rows up to NORM_THREADS * NORM_PER_THREAD elements (the Rust side checks).
+#define NORM_PER_THREAD 8
+
+// 1 / rms of the values v[0..n) each thread holds: 1 / sqrt(mean(x²) + eps) over the row.
+__device__ float inv_rms(const float (&v)[NORM_PER_THREAD], unsigned dim, float eps) {
     float sq = 0.0f;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float v = to_f32(row[i]);
-        sq += v * v;
-    }
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; ++j) sq += v[j] * v[j];
     return 1.0f / sqrtf(block_sum(sq) / (float)dim + eps);
 }
 
 // T(T(x · inv) · w): RmsNorm's two roundings.
-template <typename T> __device__ __forceinline__ T scale_row_value(T x, float inv, T w) {
-    return from_f32<T>(to_f32(from_f32<T>(to_f32(x) * inv)) * to_f32(w));
+template <typename T> __device__ __forceinline__ T scale_row_value(float x, float inv, T w) {
+    return from_f32<T>(to_f32(from_f32<T>(x * inv)) * to_f32(w));
+}
+
+// This thread's elements of a row (zeros past its end, which add nothing to the sum of squares).
+template <typename T> __device__ void load_row(const T *row, unsigned dim, float (&v)[NORM_PER_THREAD]) {
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; ++j) {
+        const unsigned i = threadIdx.x + j * blockDim.x;
+        v[j] = i < dim ? to_f32(row[i]) : 0.0f;
+    }
+}
+
+// out = RmsNorm(v) · weight for the row whose elements the threads hold.
+template <typename T>
+__device__ void store_normalized(const float (&v)[NORM_PER_THREAD], const T *__restrict__ weight, T *out_row,
+                                 unsigned dim, float eps) {
+    const float inv = inv_rms(v, dim, eps);
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; ++j) {
+        const unsigned i = threadIdx.x + j * blockDim.x;
+        if (i < dim) out_row[i] = scale_row_value(v[j], inv, weight[i]);
+    }
 }
 
 // out = RmsNorm(x) · weight, per row of `dim`.
 template <typename T>
 __device__ void rms_norm(const T *__restrict__ x, const T *__restrict__ weight, T *__restrict__ out, unsigned dim,
                          float eps) {
-    const T *row = x + (size_t)blockIdx.x * dim;
-    T *out_row = out + (size_t)blockIdx.x * dim;
-    const float inv = inv_rms(row, dim, eps);
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) out_row[i] = scale_row_value(row[i], inv, weight[i]);
+    float v[NORM_PER_THREAD];
+    load_row(x + (size_t)blockIdx.x * dim, dim, v);
+    store_normalized(v, weight, out + (size_t)blockIdx.x * dim, dim, eps);
 }
 
 // residual += delta (with `delta_weight` non-null: residual += RmsNorm(delta) · delta_weight), then
-// out = RmsNorm(residual) · weight. Each thread rereads only the elements it wrote, so no barrier is needed
-// between the passes beyond the reductions'.
+// out = RmsNorm(residual) · weight.
 template <typename T>
 __device__ void residual_rms_norm(T *__restrict__ residual, const T *__restrict__ delta,
                                   const T *__restrict__ delta_weight, const T *__restrict__ weight,
                                   T *__restrict__ out, unsigned dim, float eps) {
     const size_t base = (size_t)blockIdx.x * dim;
-    T *res = residual + base;
-    const T *d = delta + base;
+    float d[NORM_PER_THREAD], r[NORM_PER_THREAD];
+    load_row(delta + base, dim, d);
+    load_row(residual + base, dim, r);
     const float delta_inv = delta_weight != nullptr ? inv_rms(d, dim, eps) : 0.0f;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) {
-        const T add = delta_weight != nullptr ? scale_row_value(d[i], delta_inv, delta_weight[i]) : d[i];
-        res[i] = from_f32<T>(to_f32(res[i]) + to_f32(add));
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; ++j) {
+        const unsigned i = threadIdx.x + j * blockDim.x;
+        if (i >= dim) continue;
+        const float add = delta_weight != nullptr ? to_f32(scale_row_value(d[j], delta_inv, delta_weight[i])) : d[j];
+        const T sum = from_f32<T>(r[j] + add);
+        residual[base + i] = sum;
+        r[j] = to_f32(sum);
     }
-    const float inv = inv_rms(res, dim, eps);
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) out[base + i] = scale_row_value(res[i], inv, weight[i]);
+    store_normalized(r, weight, out + base, dim, eps);
 }
 
 #define NORM_KERNELS(SUFFIX, T)                                                                               \
-    extern "C" __global__ void rms_norm_##SUFFIX(const T *x, const T *weight, T *out, unsigned dim, float eps) { \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
+        rms_norm_##SUFFIX(const T *x, const T *weight, T *out, unsigned dim, float eps) {                     \
         rms_norm<T>(x, weight, out, dim, eps);                                                                \
     }                                                                                                         \
-    extern "C" __global__ void residual_rms_norm_##SUFFIX(T *residual, const T *delta, const T *delta_weight, \
-                                                          const T *weight, T *out, unsigned dim, float eps) { \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
+        residual_rms_norm_##SUFFIX(T *residual, const T *delta, const T *delta_weight, const T *weight, T *out, \
+                                   unsigned dim, float eps) {                                                 \
         residual_rms_norm<T>(residual, delta, delta_weight, weight, out, dim, eps);                           \
     }
 

@@ -30,13 +30,24 @@ pub fn device_pointer<T, S: DevicePtr<T>>(slice: &S, dev: &CudaDevice) -> Device
     slice.device_ptr(&dev.cuda_stream()).0
 }
 
-/// Threads per block of the row kernels (norms, embedding).
+/// Threads per block of the embedding lookup.
 const ROW_THREADS: u32 = 256;
+/// kernels/norm.cu: NORM_THREADS per row, each holding up to NORM_PER_THREAD elements.
+const NORM_THREADS: u32 = 1024;
+/// The widest row the norm kernels take.
+pub const NORM_MAX_DIM: usize = 1024 * 8;
 /// kernels/gemv_dense.cu: DENSE_WARPS warps per block, one output row each; DENSE_MAX_BATCH rows of x.
 const DENSE_WARPS: u32 = 8;
 pub const DENSE_MAX_ROWS: usize = 8;
-/// kernels/argmax.cu: ARGMAX_THREADS.
-const ARGMAX_THREADS: u32 = 1024;
+/// kernels/argmax.cu: ARGMAX_THREADS per block, ARGMAX_BLOCKS blocks per row.
+const ARGMAX_THREADS: u32 = 256;
+const ARGMAX_BLOCKS: usize = 64;
+
+/// Bytes of the zero-initialized scratch [`DecodeKernels::argmax_rows`] needs for up to `rows` rows: per row a
+/// counter (which the kernel leaves at zero for the next call) and a value and an index per block.
+pub const fn argmax_scratch_bytes(rows: usize) -> usize {
+    rows * (8 + ARGMAX_BLOCKS * 8)
+}
 /// kernels/attention.cu: ATTN_WARPS.
 const ATTENTION_WARPS: u32 = 8;
 
@@ -130,10 +141,11 @@ impl DecodeKernels {
         dim: usize,
         eps: f32,
     ) -> Result<(), KernelError> {
+        check_norm_dim(dim)?;
         let dim = dim as u32;
         let mut args = self.builder(&self.rms_norm);
         args.arg(&x).arg(&weight).arg(&out).arg(&dim).arg(&eps);
-        unsafe { args.launch(rows_config(rows, ROW_THREADS)) }.w()?;
+        unsafe { args.launch(rows_config(rows, NORM_THREADS)) }.w()?;
         Ok(())
     }
 
@@ -153,6 +165,7 @@ impl DecodeKernels {
         dim: usize,
         eps: f32,
     ) -> Result<(), KernelError> {
+        check_norm_dim(dim)?;
         let (dim, delta_weight) = (dim as u32, delta_weight.unwrap_or(0));
         let mut args = self.builder(&self.residual_rms_norm);
         args.arg(&residual)
@@ -162,7 +175,7 @@ impl DecodeKernels {
             .arg(&out)
             .arg(&dim)
             .arg(&eps);
-        unsafe { args.launch(rows_config(rows, ROW_THREADS)) }.w()?;
+        unsafe { args.launch(rows_config(rows, NORM_THREADS)) }.w()?;
         Ok(())
     }
 
@@ -291,7 +304,8 @@ impl DecodeKernels {
     /// holding NaN), then `*pos += 1`.
     ///
     /// # Safety
-    /// `logits` holds `rows * vocab` elements, `tokens` `rows` u32, `pos` one u32.
+    /// `logits` holds `rows * vocab` elements, `tokens` `rows` u32, `pos` one u32, `scratch`
+    /// [`argmax_scratch_bytes`]`(rows)` bytes, zeroed before the first call (every call leaves it so).
     pub unsafe fn argmax_rows(
         &self,
         logits: DevicePointer,
@@ -299,11 +313,21 @@ impl DecodeKernels {
         tokens: DevicePointer,
         pos: DevicePointer,
         rows: usize,
+        scratch: DevicePointer,
     ) -> Result<(), KernelError> {
         let vocab = vocab as u32;
         let mut args = self.builder(&self.argmax_rows);
-        args.arg(&logits).arg(&vocab).arg(&tokens).arg(&pos);
-        unsafe { args.launch(rows_config(rows, ARGMAX_THREADS)) }.w()?;
+        args.arg(&logits)
+            .arg(&vocab)
+            .arg(&tokens)
+            .arg(&pos)
+            .arg(&scratch);
+        let cfg = LaunchConfig {
+            grid_dim: (ARGMAX_BLOCKS as u32, rows as u32, 1),
+            block_dim: (ARGMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { args.launch(cfg) }.w()?;
         Ok(())
     }
 
@@ -349,6 +373,16 @@ impl DecodeKernels {
         unsafe { args.launch(cfg) }.w()?;
         Ok(())
     }
+}
+
+fn check_norm_dim(dim: usize) -> Result<(), KernelError> {
+    if dim == 0 || dim > NORM_MAX_DIM {
+        return Err(KernelError::BadInput {
+            name: "RMSNorm".into(),
+            problem: format!("rows of {dim} elements: the kernel takes 1 to {NORM_MAX_DIM}"),
+        });
+    }
+    Ok(())
 }
 
 /// One block of `threads` per row.

@@ -22,7 +22,10 @@ mod tensor;
 use std::io::Write;
 
 pub use attention::decode_attention;
-pub use decode::{device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite, DENSE_MAX_ROWS};
+pub use decode::{
+    argmax_scratch_bytes, device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite,
+    DENSE_MAX_ROWS, NORM_MAX_DIM,
+};
 pub use matmul::GEMV_MAX_ROWS;
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 

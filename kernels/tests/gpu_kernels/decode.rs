@@ -3,7 +3,10 @@
 //! dtype. They take raw device pointers; the tensors here own the memory.
 
 use candle_core::{DType, Device, Storage, Tensor, D};
-use glm_kernels::{decode_attention, device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite};
+use glm_kernels::{
+    argmax_scratch_bytes, decode_attention, device_pointer, DecodeKernels, DevicePointer,
+    RotaryKvWrite,
+};
 
 use crate::common::{cuda_device_or_skip, relative_error, to_f64};
 
@@ -25,6 +28,7 @@ fn ptr(t: &Tensor) -> DevicePointer {
         DType::F16 => device_pointer(s.as_cuda_slice::<half::f16>().unwrap(), &s.device),
         DType::BF16 => device_pointer(s.as_cuda_slice::<half::bf16>().unwrap(), &s.device),
         DType::U32 => device_pointer(s.as_cuda_slice::<u32>().unwrap(), &s.device),
+        DType::U8 => device_pointer(s.as_cuda_slice::<u8>().unwrap(), &s.device),
         other => panic!("{other:?}"),
     };
     base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64
@@ -69,7 +73,7 @@ fn norms_match_the_reference() {
     let eps = 1e-5;
     for (dtype, tolerance) in DTYPES {
         let k = DecodeKernels::new(dev, dtype).unwrap();
-        for (rows, dim) in [(1, 4096), (3, 1000), (8, 64), (2, 5)] {
+        for (rows, dim) in [(1, 4096), (3, 1000), (8, 64), (2, 5), (1, 8192)] {
             let x = randn(&[rows, dim], dtype);
             let delta = randn(&[rows, dim], dtype);
             let (w, wd) = (randn(&[dim], dtype), randn(&[dim], dtype));
@@ -116,6 +120,8 @@ fn norms_match_the_reference() {
                 assert!(error <= tolerance, "{what}: out {error:.2e}");
             }
         }
+        let too_wide = unsafe { k.rms_norm(0, 0, 0, 1, 8193, 1e-5) }.unwrap_err();
+        assert!(too_wide.to_string().contains("1 to 8192"), "{too_wide}");
     }
 }
 
@@ -198,10 +204,46 @@ fn argmax_picks_the_first_maximum_and_advances_the_position() {
             .unwrap();
         let tokens = Tensor::zeros(4, DType::U32, &gpu).unwrap();
         let pos = Tensor::new(&[41u32], &gpu).unwrap();
-        unsafe { k.argmax_rows(ptr(&logits), vocab, ptr(&tokens), ptr(&pos), 4) }.unwrap();
-        let got: Vec<u32> = tokens.to_vec1().unwrap();
-        assert_eq!(got, [3, vocab as u32 - 1, 1234, u32::MAX], "{dtype:?}");
-        assert_eq!(pos.to_vec1::<u32>().unwrap(), [42], "{dtype:?}: position");
+        let scratch = Tensor::zeros(argmax_scratch_bytes(4), DType::U8, &gpu).unwrap();
+        // Twice: the first call must leave the scratch ready for the next.
+        for call in 1..=2u32 {
+            unsafe {
+                k.argmax_rows(
+                    ptr(&logits),
+                    vocab,
+                    ptr(&tokens),
+                    ptr(&pos),
+                    4,
+                    ptr(&scratch),
+                )
+            }
+            .unwrap();
+            let got: Vec<u32> = tokens.to_vec1().unwrap();
+            assert_eq!(
+                got,
+                [3, vocab as u32 - 1, 1234, u32::MAX],
+                "{dtype:?} call {call}"
+            );
+            assert_eq!(
+                pos.to_vec1::<u32>().unwrap(),
+                [41 + call],
+                "{dtype:?}: position"
+            );
+        }
+        // A vocabulary smaller than the blocks × threads (the fixtures' 320).
+        let small = Tensor::new(&[[0.5f32, 2.0, -1.0, 2.0, 0.0]], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(&gpu)
+            .unwrap();
+        unsafe { k.argmax_rows(ptr(&small), 5, ptr(&tokens), ptr(&pos), 1, ptr(&scratch)) }
+            .unwrap();
+        assert_eq!(
+            tokens.to_vec1::<u32>().unwrap()[0],
+            1,
+            "{dtype:?}: small vocabulary"
+        );
     }
 }
 

@@ -66,6 +66,7 @@ struct Buffers {
     gate_up: CudaSlice<u8>,
     activation: CudaSlice<u8>,
     logits: CudaSlice<u8>,
+    argmax_scratch: CudaSlice<u8>,
     tokens: CudaSlice<u32>,
     position: CudaSlice<u32>,
     inv_freq: CudaSlice<f32>,
@@ -125,6 +126,13 @@ impl<'m> CudaDecoder<'m> {
             )));
         }
         let c = model.config();
+        if c.hidden_size > glm_kernels::NORM_MAX_DIM {
+            return Err(unsupported(&format!(
+                "a hidden size of {} (the norm kernels take up to {})",
+                c.hidden_size,
+                glm_kernels::NORM_MAX_DIM
+            )));
+        }
         if !c.head_dim.is_multiple_of(2)
             || !c.rotary_dim().is_multiple_of(2)
             || c.rotary_dim() > c.head_dim
@@ -471,6 +479,7 @@ impl<'m> CudaDecoder<'m> {
                 device_pointer(&b.tokens, &self.dev),
                 position,
                 rows,
+                p(&b.argmax_scratch),
             )
             .map_err(kernel_error)
         }
@@ -571,6 +580,7 @@ impl Buffers {
             gate_up: alloc(2 * c.intermediate_size)?,
             activation: alloc(c.intermediate_size)?,
             logits: alloc(c.vocab_size)?,
+            argmax_scratch: dev.alloc_zeros::<u8>(glm_kernels::argmax_scratch_bytes(batch))?,
             tokens: dev.alloc_zeros::<u32>(batch)?,
             position: dev.alloc_zeros::<u32>(1)?,
             inv_freq: dev.clone_htod(&inv_freq)?,
