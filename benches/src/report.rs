@@ -233,7 +233,12 @@ impl Report {
             return String::new();
         }
         format!(
-            "\n## Decode step: plain (op by op), fused kernels, fused as a CUDA graph; batches (issue 10)\n\n{}",
+            "\n## Decode step: plain (op by op), fused kernels, fused as a CUDA graph; batches (issue 10)\n\n\
+             Same tokens: batch 1, the greedy tokens equal the graph's (fused and graph launch the same kernels \
+             and are bit-identical; plain accumulates in another order, so on random weights' near-flat logits \
+             it parts at a near-tie: the GPU tests hold all three to the same tokens on trained fixtures); a \
+             batch, every row (the same prompt) chose the same tokens. A batch reads the weights once per \
+             step: its roofline is the batch-1 bound × the batch.\n\n{}",
             table(
                 &["glm-run", "mode", "batch", "tok/s", "ms/step", "of roofline", "same tokens"],
                 rows.into_iter()
@@ -513,8 +518,8 @@ fn nf4_roofline(r: &Runs) -> Goal {
     } else {
         format!(
             "{step_ms:.2} ms per token against {bound_ms:.2} ms of weight reads: {:.2} ms of each token \
-             is not weight traffic at copy bandwidth (kernel launches, host work, attention: issue 10 \
-             splits it)",
+             is not weight traffic at copy bandwidth (the GPU busy on GEMVs below copy bandwidth and on \
+             small kernels, and idle between kernels: benches/results/decode-overhead.md splits it)",
             step_ms - bound_ms
         )
     };
