@@ -2,7 +2,8 @@
 // writing into a caller's buffer (the decode step's preallocated scratch), which candle's cuBLAS matmul cannot.
 // CPU reference: an f64 matmul of the same values; GPU test: kernels/tests/gpu_kernels/decode.rs.
 //
-// One warp per output row. With K a multiple of the vector width a lane streams 16-byte chunks of its row
+// One warp per output row. A launch may cover two weights of one shape (GLM's k and v projections of the same
+// input): blockIdx.y picks the weight and its output, so two small GEMVs overlap instead of each paying a launch. With K a multiple of the vector width a lane streams 16-byte chunks of its row
 // (DENSE_CHUNKS_IN_FLIGHT loads issued before any is used) and reads x through L1; otherwise element by element.
 #include "common.cuh"
 
@@ -82,9 +83,10 @@ __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *
 
 #define GEMV_DENSE_KERNEL(SUFFIX, T)                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * DENSE_WARPS)                                           \
-        gemv_dense_##SUFFIX(const T *w, const T *x, T *y, unsigned n, unsigned k, unsigned batch,              \
-                            unsigned vectorized) {                                                            \
-        gemv_dense<T>(w, x, y, n, k, batch, vectorized);                                                      \
+        gemv_dense_##SUFFIX(const T *w0, T *y0, const T *w1, T *y1, const T *x, unsigned n, unsigned k,        \
+                            unsigned batch, unsigned vectorized) {                                            \
+        const bool second = blockIdx.y == 1;                                                                 \
+        gemv_dense<T>(second ? w1 : w0, x, second ? y1 : y0, n, k, batch, vectorized);                       \
     }
 
 GEMV_DENSE_KERNEL(f32, float)

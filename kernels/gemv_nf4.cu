@@ -264,6 +264,30 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
                           cols, batch, split, blocksize_log2);                                               \
     }
 
+// Two weights of one shape in one launch (GLM's k and v projections of the same input): blockIdx.y picks the
+// weight and its output, so the two small GEMVs overlap instead of each paying a launch's latency.
+#define GEMV_NF4_TILED_PAIR_KERNELS(SUFFIX, T)                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
+        gemv_nf4_tiled_pair_##SUFFIX(const uint4 *packed0, const float *absmax0, T *y0, const uint4 *packed1, \
+                                     const float *absmax1, T *y1, const T *x, unsigned rows, unsigned cols,   \
+                                     unsigned batch, unsigned split, unsigned blocksize_log2) {               \
+        const bool second = blockIdx.y == 1;                                                                 \
+        gemv_nf4_tiled<T>(second ? packed1 : packed0, PlainAbsmax{second ? absmax1 : absmax0}, x,            \
+                          second ? y1 : y0, rows, cols, batch, split, blocksize_log2);                       \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
+        gemv_nf4_tiled_nested_pair_##SUFFIX(                                                                 \
+            const uint4 *packed0, const uint8_t *codes0, const float *nested_absmax0, const float *nested_map0, \
+            float offset0, T *y0, const uint4 *packed1, const uint8_t *codes1, const float *nested_absmax1,     \
+            const float *nested_map1, float offset1, T *y1, const T *x, unsigned rows, unsigned cols,           \
+            unsigned batch, unsigned split, unsigned blocksize_log2) {                                         \
+        const bool second = blockIdx.y == 1;                                                                 \
+        const NestedAbsmax absmax = second ? NestedAbsmax{codes1, nested_absmax1, nested_map1, offset1}       \
+                                           : NestedAbsmax{codes0, nested_absmax0, nested_map0, offset0};      \
+        gemv_nf4_tiled<T>(second ? packed1 : packed0, absmax, x, second ? y1 : y0, rows, cols, batch, split,   \
+                          blocksize_log2);                                                                   \
+    }
+
 #define GEMV_NF4_GENERIC_KERNELS(SUFFIX, T)                                                                      \
     extern "C" __global__ void gemv_nf4_generic_##SUFFIX(const uint8_t *packed, unsigned tiled_row_chunks,      \
                                                            const float *absmax, const T *x, T *y, size_t rows,  \
@@ -282,6 +306,8 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
 
 GEMV_NF4_TILED_KERNELS(f16, __half)
 GEMV_NF4_TILED_KERNELS(bf16, __nv_bfloat16)
+GEMV_NF4_TILED_PAIR_KERNELS(f16, __half)
+GEMV_NF4_TILED_PAIR_KERNELS(bf16, __nv_bfloat16)
 GEMV_NF4_GENERIC_KERNELS(f32, float)
 GEMV_NF4_GENERIC_KERNELS(f16, __half)
 GEMV_NF4_GENERIC_KERNELS(bf16, __nv_bfloat16)

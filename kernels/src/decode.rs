@@ -335,12 +335,41 @@ impl DecodeKernels {
     ///
     /// # Safety
     /// The pointers hold those many elements of the kernels' dtype.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemv_dense(
         &self,
         w: DevicePointer,
         x: DevicePointer,
         y: DevicePointer,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), KernelError> {
+        unsafe { self.launch_gemv_dense([(w, y), (w, y)], 1, x, rows, n, k) }
+    }
+
+    /// [`Self::gemv_dense`] for two weights of one shape (GLM's k and v) in one launch, so the two small
+    /// GEMVs overlap.
+    ///
+    /// # Safety
+    /// As [`Self::gemv_dense`], for both weights and outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemv_dense_pair(
+        &self,
+        weights: [(DevicePointer, DevicePointer); 2],
+        x: DevicePointer,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), KernelError> {
+        unsafe { self.launch_gemv_dense(weights, 2, x, rows, n, k) }
+    }
+
+    /// The first `count` of `weights` (weight, output) times x.
+    unsafe fn launch_gemv_dense(
+        &self,
+        weights: [(DevicePointer, DevicePointer); 2],
+        count: u32,
+        x: DevicePointer,
         rows: usize,
         n: usize,
         k: usize,
@@ -352,21 +381,25 @@ impl DecodeKernels {
             });
         }
         let elem = self.dtype.size_in_bytes() as u64;
+        let [(w0, y0), (w1, y1)] = weights;
         // 16-byte loads need 16-byte aligned rows of w and x.
         let vectorized = u32::from(
-            (k as u64 * elem).is_multiple_of(16) && w.is_multiple_of(16) && x.is_multiple_of(16),
+            (k as u64 * elem).is_multiple_of(16)
+                && [w0, w1, x].iter().all(|p| p.is_multiple_of(16)),
         );
         let (n32, k32, rows32) = (n as u32, k as u32, rows as u32);
         let mut args = self.builder(&self.gemv_dense);
-        args.arg(&w)
+        args.arg(&w0)
+            .arg(&y0)
+            .arg(&w1)
+            .arg(&y1)
             .arg(&x)
-            .arg(&y)
             .arg(&n32)
             .arg(&k32)
             .arg(&rows32)
             .arg(&vectorized);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(DENSE_WARPS as usize) as u32, 1, 1),
+            grid_dim: (n.div_ceil(DENSE_WARPS as usize) as u32, count, 1),
             block_dim: (32 * DENSE_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };

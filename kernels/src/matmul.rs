@@ -187,6 +187,66 @@ impl CudaNf4Tensor {
         unsafe { args.launch(cfg) }.w()?;
         Ok(())
     }
+
+    /// `y = x · Wᵀ` and `y_other = x · W_otherᵀ` for two weights of one shape and kind (GLM's k and v), in one
+    /// launch of the tiled kernel when both are tiled (the two small GEMVs then overlap), else as two
+    /// [`Self::gemv_into`] launches.
+    ///
+    /// # Safety
+    /// As [`Self::gemv_into`], for both weights and outputs.
+    pub unsafe fn gemv_pair_into(
+        &self,
+        other: &CudaNf4Tensor,
+        dtype: DType,
+        x: DevicePointer,
+        y: DevicePointer,
+        y_other: DevicePointer,
+        rows: usize,
+    ) -> Result<(), KernelError> {
+        let pairable = matches!(self.layout, PackedLayout::Tiled { .. })
+            && self.layout == other.layout
+            && self.shape == other.shape
+            && self.blocksize == other.blocksize
+            && self.absmax.kernel_infix() == other.absmax.kernel_infix()
+            && self.device.same_device(&other.device)
+            && dtype != DType::F32
+            && x.is_multiple_of(16)
+            && (1..=GEMV_MAX_ROWS).contains(&rows);
+        if !pairable {
+            return unsafe {
+                self.gemv_into(dtype, x, y, rows)?;
+                other.gemv_into(dtype, x, y_other, rows)
+            };
+        }
+        let (n, k) = (self.shape.dims()[0], self.shape.dims()[1]);
+        let suffix = dtype_suffix(dtype).expect("f16 or bf16, checked above");
+        let dev = self.cuda_device();
+        let func = dev.get_or_load_custom_func(
+            &format!("gemv_nf4_tiled_{}pair_{suffix}", self.absmax.kernel_infix()),
+            MODULE,
+            GEMV_PTX,
+        )?;
+        let (mut cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?;
+        cfg.grid_dim.1 = 2;
+        let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
+        let (n32, k32) = (n as u32, k as u32);
+        let mut args = func.builder();
+        args.arg(&self.packed);
+        self.absmax.push_args(&mut args);
+        args.arg(&y).arg(&other.packed);
+        other.absmax.push_args(&mut args);
+        args.arg(&y_other)
+            .arg(&x)
+            .arg(&n32)
+            .arg(&k32)
+            .arg(&rows_arg)
+            .arg(&split)
+            .arg(&blocksize_log2);
+        // SAFETY: the argument list matches gemv_nf4_tiled_[nested_]pair_<suffix> in kernels/gemv_nf4.cu; both
+        // weights are tiled with one shape and blocksize (checked above), x is aligned as gemv_into requires.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(())
+    }
 }
 
 /// Warps per block of the tiled GEMV (GEMV_WARPS in gemv_nf4.cu).

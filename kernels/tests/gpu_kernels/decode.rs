@@ -385,6 +385,39 @@ fn gemv_dense_matches_the_reference() {
                 );
             }
         }
+        // Two weights of one shape in one launch: each output as its own launch gives it.
+        let (n, kk) = (256, 4096);
+        let (w0, w1) = (
+            randn(&[n, kk], dtype).to_device(&gpu).unwrap(),
+            randn(&[n, kk], dtype).to_device(&gpu).unwrap(),
+        );
+        let x = randn(&[3, kk], dtype).to_device(&gpu).unwrap();
+        let zeros = || Tensor::zeros((3, n), dtype, &gpu).unwrap();
+        let (y0, y1, want0, want1) = (zeros(), zeros(), zeros(), zeros());
+        unsafe {
+            k.gemv_dense_pair(
+                [(ptr(&w0), ptr(&y0)), (ptr(&w1), ptr(&y1))],
+                ptr(&x),
+                3,
+                n,
+                kk,
+            )
+            .unwrap();
+            k.gemv_dense(ptr(&w0), ptr(&x), ptr(&want0), 3, n, kk)
+                .unwrap();
+            k.gemv_dense(ptr(&w1), ptr(&x), ptr(&want1), 3, n, kk)
+                .unwrap();
+        }
+        assert_eq!(
+            to_f64(&y0),
+            to_f64(&want0),
+            "gemv_dense_pair {dtype:?}: first"
+        );
+        assert_eq!(
+            to_f64(&y1),
+            to_f64(&want1),
+            "gemv_dense_pair {dtype:?}: second"
+        );
         let too_many = unsafe { k.gemv_dense(0, 0, 0, 9, 8, 8) }.unwrap_err();
         assert!(too_many.to_string().contains("1 to 8"), "{too_many}");
     }

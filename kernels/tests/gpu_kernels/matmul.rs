@@ -205,3 +205,63 @@ fn matmul_rejects_bad_inputs() {
         }
     }
 }
+
+/// The pair GEMV (k and v in one launch) gives each weight's own GEMV bit for bit, tiled or not (a weight that
+/// is not tiled, or a pair of different shapes, falls back to two launches).
+#[test]
+fn pair_gemv_equals_two_gemvs() {
+    let Some(gpu) = cuda_device_or_skip("pair_gemv_equals_two_gemvs") else {
+        return;
+    };
+    let Device::Cuda(dev) = &gpu else {
+        unreachable!()
+    };
+    let ptr = |t: &Tensor| {
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*storage else {
+            unreachable!()
+        };
+        let base = match t.dtype() {
+            DType::F16 => glm_kernels::device_pointer(s.as_cuda_slice::<half::f16>().unwrap(), dev),
+            _ => glm_kernels::device_pointer(s.as_cuda_slice::<half::bf16>().unwrap(), dev),
+        };
+        base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64
+    };
+    for (rows, cols, blocksize, double_quant, other_rows) in [
+        (256, 4096, 64, true, 256),
+        (48, 128, 128, false, 48),
+        (256, 4096, 64, true, 512),
+        (50, 96, 64, true, 50),
+    ] {
+        let (a, b) = (
+            weight(&gpu, rows, cols, blocksize, double_quant),
+            weight(&gpu, other_rows, cols, blocksize, double_quant),
+        );
+        for dtype in [DType::F16, DType::BF16] {
+            for batch in [1, 3, 8] {
+                let x = Tensor::randn(0f32, 1.0, (batch, cols), &gpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let zeros = |n| Tensor::zeros((batch, n), dtype, &gpu).unwrap();
+                let (ya, yb) = (zeros(rows), zeros(other_rows));
+                unsafe {
+                    a.gpu
+                        .gemv_pair_into(&b.gpu, dtype, ptr(&x), ptr(&ya), ptr(&yb), batch)
+                }
+                .unwrap();
+                let case = format!("{rows}x{cols} + {other_rows} rows, {dtype:?}, batch {batch}");
+                assert_eq!(
+                    to_f64(&ya),
+                    to_f64(&a.gpu.matmul(&x).unwrap()),
+                    "{case}: first"
+                );
+                assert_eq!(
+                    to_f64(&yb),
+                    to_f64(&b.gpu.matmul(&x).unwrap()),
+                    "{case}: second"
+                );
+            }
+        }
+    }
+}

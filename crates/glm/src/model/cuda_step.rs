@@ -406,8 +406,7 @@ impl<'m> CudaDecoder<'m> {
             for (i, layer) in self.layers.iter().enumerate() {
                 let (q_raw, k_raw, v_raw) = (p(&b.q_raw), p(&b.k_raw), p(&b.v_raw));
                 self.project(&layer.q, normed, q_raw)?;
-                self.project(&layer.k, normed, k_raw)?;
-                self.project(&layer.v, normed, v_raw)?;
+                self.project_pair(&layer.k, &layer.v, normed, k_raw, v_raw)?;
                 let (k_cache, v_cache) = cache[i];
                 k.rotary_kv_write(&RotaryKvWrite {
                     batch: rows,
@@ -503,6 +502,43 @@ impl<'m> CudaDecoder<'m> {
             },
         }
         .map_err(kernel_error)
+    }
+
+    /// `y0 = x · W0ᵀ`, `y1 = x · W1ᵀ` (k and v): one launch when both weights are of one kind and shape.
+    ///
+    /// # Safety
+    /// As [`Self::project`], for both.
+    unsafe fn project_pair(
+        &self,
+        w0: &Projection<'_>,
+        w1: &Projection<'_>,
+        x: DevicePointer,
+        y0: DevicePointer,
+        y1: DevicePointer,
+    ) -> Result<()> {
+        let dtype = self.kernels.dtype();
+        match (w0, w1) {
+            (Projection::Nf4(a), Projection::Nf4(b)) => unsafe {
+                a.gemv_pair_into(b, dtype, x, y0, y1, self.batch)
+                    .map_err(kernel_error)
+            },
+            (
+                &Projection::Dense { weight: a, n, k },
+                &Projection::Dense {
+                    weight: b,
+                    n: n1,
+                    k: k1,
+                },
+            ) if (n, k) == (n1, k1) => unsafe {
+                self.kernels
+                    .gemv_dense_pair([(a, y0), (b, y1)], x, self.batch, n, k)
+                    .map_err(kernel_error)
+            },
+            _ => unsafe {
+                self.project(w0, x, y0)?;
+                self.project(w1, x, y1)
+            },
+        }
     }
 }
 
