@@ -176,9 +176,9 @@ fn apply_repetition_penalty(scores: &mut [f32], context: &[u32], penalty: f64) -
 /// transformers' TopKLogitsWarper: removes scores below the k-th highest, so ties with it all stay.
 fn apply_top_k(scores: &mut [f32], k: usize) {
     let k = k.min(scores.len());
-    let mut sorted = scores.to_vec();
-    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-    let kth = sorted[k - 1];
+    // The k-th highest by selection, not a full sort: the same value in O(vocab).
+    let mut values = scores.to_vec();
+    let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     scores
         .iter_mut()
         .filter(|s| **s < kth)
@@ -187,19 +187,28 @@ fn apply_top_k(scores: &mut [f32], k: usize) {
 
 /// transformers' TopPLogitsWarper: in ascending score order, removes tokens while the cumulative
 /// probability stays ≤ 1 - top_p, always keeping the most likely token.
+///
+/// Only finite scores are sorted: a -inf score (removed by top-k, say) has probability 0 and sits below
+/// every finite one, so it adds nothing to the sums and stays removed. (score, index) pairs sorted
+/// unstably by both are in the order a stable sort by score gives, for a fraction of its cost.
 fn apply_top_p(scores: &mut [f32], top_p: f64) {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
+    let mut order: Vec<(f32, u32)> = scores
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_finite())
+        .map(|(i, &s)| (s, i as u32))
+        .collect();
+    order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let sorted: Vec<f32> = order.iter().map(|&(s, _)| s).collect();
     let probs = softmax(&sorted);
     // torch compares the float32 cumsum (accumulated in double on the CPU) with 1 - top_p as float32.
     let threshold = (1.0 - top_p) as f32;
     let mut cumulative = 0.0f64;
-    let last = order.len() - 1;
-    for (rank, (&index, &p)) in order.iter().zip(&probs).enumerate() {
+    let last = order.len().saturating_sub(1);
+    for (rank, (&(_, index), &p)) in order.iter().zip(&probs).enumerate() {
         cumulative += f64::from(p);
         if rank < last && cumulative as f32 <= threshold {
-            scores[index] = f32::NEG_INFINITY;
+            scores[index as usize] = f32::NEG_INFINITY;
         }
     }
 }
