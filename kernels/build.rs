@@ -1,4 +1,5 @@
-//! Compiles every kernels/*.cu to PTX for sm_90 with nvcc; src/lib.rs embeds the results.
+//! Compiles every kernels/*.cu with nvcc into a fatbin holding SASS for sm_90 (loaded as is: no JIT at the first
+//! launch) and PTX for compute_90 (JIT-compiled by the driver on newer GPUs); src/lib.rs embeds the results.
 //! nvcc comes from $NVCC, else $CUDA_HOME/bin/nvcc, else PATH (scripts/cuda-toolchain.sh sets all three).
 
 use std::path::{Path, PathBuf};
@@ -6,7 +7,7 @@ use std::process::Command;
 use std::{env, fs};
 
 /// Hopper (H100/H200). A kernel that needs wgmma/setmaxnreg would take compute_90a instead.
-const ARCH: &str = "sm_90";
+const ARCH: &str = "90";
 
 fn nvcc() -> PathBuf {
     if let Some(nvcc) = env::var_os("NVCC") {
@@ -49,10 +50,19 @@ fn main() {
             .file_stem()
             .expect(".cu file has a stem")
             .to_string_lossy();
-        let ptx = out_dir.join(format!("{stem}.ptx"));
+        let fatbin = out_dir.join(format!("{stem}.fatbin"));
         let status = Command::new(&nvcc)
-            .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={ARCH}"), "-o"])
-            .arg(&ptx)
+            .args([
+                "-fatbin",
+                "-O3",
+                "-std=c++17",
+                "-gencode",
+                &format!("arch=compute_{ARCH},code=sm_{ARCH}"),
+                "-gencode",
+                &format!("arch=compute_{ARCH},code=compute_{ARCH}"),
+                "-o",
+            ])
+            .arg(&fatbin)
             .arg(source)
             .status()
             .unwrap_or_else(|e| {

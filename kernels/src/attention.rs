@@ -6,9 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use crate::tensor::{cuda_view, dtype_suffix, wrap};
-use crate::{KernelError, ATTENTION_PTX};
+use crate::KernelError;
 
-const MODULE: &str = "glm_kernels_attention";
 /// kernels/attention.cu: ATTN_WARPS warps per block, head_dim ≤ 32 × ATTN_MAX_DIMS_PER_LANE.
 const WARPS: u32 = 8;
 const MAX_HEAD_DIM: usize = 256;
@@ -112,17 +111,14 @@ impl Launch<'_> {
         let numel = self.heads * self.head_dim as usize;
         // SAFETY: the kernel writes every element: each block its head's head_dim outputs.
         let mut out = unsafe { self.dev.alloc::<T>(numel)? };
-        let func = self.dev.get_or_load_custom_func(
-            &format!("decode_attention_{suffix}"),
-            MODULE,
-            ATTENTION_PTX,
-        )?;
+        let func = crate::ATTENTION.function(self.dev, &format!("decode_attention_{suffix}"))?;
+        let stream = self.dev.cuda_stream();
         let cfg = LaunchConfig {
             grid_dim: (self.heads as u32, 1, 1),
             block_dim: (32 * WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut args = func.builder();
+        let mut args = stream.launch_builder(&func);
         args.arg(&q_view)
             .arg(&k_view)
             .arg(&v_view)

@@ -18,8 +18,7 @@ use candle_core::{CudaDevice, DType};
 
 use crate::tensor::dtype_suffix;
 use crate::{
-    KernelError, ACTIVATION_PTX, ARGMAX_PTX, ATTENTION_PTX, EMBEDDING_PTX, GEMV_DENSE_PTX,
-    NORM_PTX, ROTARY_PTX,
+    KernelError, Module, ACTIVATION, ARGMAX, ATTENTION, EMBEDDING, GEMV_DENSE, NORM, ROTARY,
 };
 
 /// A device address (`CUdeviceptr`) of elements of the step's dtype (or of u32 for token ids and the position).
@@ -99,24 +98,18 @@ impl DecodeKernels {
                 dtype,
             });
         };
-        let load = |name: &str, module: &str, ptx: &str| -> candle_core::Result<CudaFunction> {
-            Ok((*dev.get_or_load_custom_func(&format!("{name}_{suffix}"), module, ptx)?).clone())
-        };
+        let load = |name: &str, module: &Module| module.function(dev, &format!("{name}_{suffix}"));
         Ok(Self {
             dtype,
             stream: dev.cuda_stream(),
-            rms_norm: load("rms_norm", "glm_kernels_norm", NORM_PTX)?,
-            residual_rms_norm: load("residual_rms_norm", "glm_kernels_norm", NORM_PTX)?,
-            rotary_kv_write: load("rotary_kv_write", "glm_kernels_rotary", ROTARY_PTX)?,
-            attention: load(
-                "decode_attention_at",
-                "glm_kernels_attention",
-                ATTENTION_PTX,
-            )?,
-            silu_mul: load("silu_mul", "glm_kernels_activation", ACTIVATION_PTX)?,
-            embed_rows: load("embed_rows", "glm_kernels_embedding", EMBEDDING_PTX)?,
-            argmax_rows: load("argmax_rows", "glm_kernels_argmax", ARGMAX_PTX)?,
-            gemv_dense: load("gemv_dense", "glm_kernels_gemv_dense", GEMV_DENSE_PTX)?,
+            rms_norm: load("rms_norm", &NORM)?,
+            residual_rms_norm: load("residual_rms_norm", &NORM)?,
+            rotary_kv_write: load("rotary_kv_write", &ROTARY)?,
+            attention: load("decode_attention_at", &ATTENTION)?,
+            silu_mul: load("silu_mul", &ACTIVATION)?,
+            embed_rows: load("embed_rows", &EMBEDDING)?,
+            argmax_rows: load("argmax_rows", &ARGMAX)?,
+            gemv_dense: load("gemv_dense", &GEMV_DENSE)?,
         })
     }
 

@@ -6,10 +6,9 @@ use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
 use crate::tensor::{dtype_suffix, wrap, CudaNf4Tensor};
-use crate::{KernelError, DEQUANTIZE_PTX};
+use crate::KernelError;
 
 /// Name under which the PTX module is cached per device.
-const MODULE: &str = "glm_kernels_dequantize";
 const THREADS_PER_BLOCK: u32 = 256;
 /// Elements per thread (two DEQUANTIZE_CHUNKs in kernels/dequantize.cu).
 const UNIT: usize = 32;
@@ -54,12 +53,12 @@ impl CudaNf4Tensor {
             block_dim: (THREADS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = dev.get_or_load_custom_func(
+        let func = crate::DEQUANTIZE.function(
+            dev,
             &format!("dequantize_nf4_{}{suffix}", self.absmax.kernel_infix()),
-            MODULE,
-            DEQUANTIZE_PTX,
         )?;
-        let mut args = func.builder();
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&func);
         args.arg(&self.packed).arg(&layout);
         self.absmax.push_args(&mut args);
         args.arg(&mut out).arg(&numel).arg(&blocksize_log2);

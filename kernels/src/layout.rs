@@ -5,9 +5,6 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKer
 use candle_core::cuda_backend::WrapErr;
 use candle_core::CudaDevice;
 
-use crate::REPACK_PTX;
-
-const MODULE: &str = "glm_kernels_repack";
 const THREADS_PER_BLOCK: u32 = 256;
 /// Rows and columns of a tile (NF4_TILE_ROWS / NF4_TILE_COLS in common.cuh).
 pub(crate) const TILE_ROWS: usize = 16;
@@ -88,14 +85,15 @@ impl PackedLayout {
         let row_chunks = self.kernel_arg();
         // SAFETY: the kernel writes every chunk.
         let mut out = unsafe { dev.alloc::<u8>(chunks * CHUNK_BYTES)? };
-        let func = dev.get_or_load_custom_func(kernel, MODULE, REPACK_PTX)?;
+        let func = crate::REPACK.function(dev, kernel)?;
+        let stream = dev.cuda_stream();
         let grid = chunks.div_ceil(THREADS_PER_BLOCK as usize).min(1 << 20);
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (THREADS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut args = func.builder();
+        let mut args = stream.launch_builder(&func);
         args.arg(packed).arg(&mut out).arg(&chunks).arg(&row_chunks);
         // SAFETY: matches tile_nf4 / untile_nf4 in kernels/repack_nf4.cu, which move the bytes as `chunks` u64
         // (a tiled weight has rows * cols / 16 whole chunks; device allocations are 256-byte aligned).

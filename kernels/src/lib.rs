@@ -5,8 +5,8 @@
 //! beyond), [`CudaNf4Tensor::dequantize`], [`CudaNf4Tensor::quantize`] (on the device, byte-identical to the nf4
 //! crate) and [`CudaNf4Tensor::to_host`].
 //!
-//! Each `kernels/*.cu` is compiled to PTX for sm_90 by build.rs and embedded here; the first launch on a device
-//! loads the module through `CudaDevice::get_or_load_custom_func`. Only built with glm's `cuda` feature: it
+//! Each `kernels/*.cu` is compiled by build.rs into a fatbin (SASS for sm_90, so nothing is JIT-compiled on a
+//! Hopper GPU, and PTX for newer ones) and embedded here; the first launch on a device loads its module. Only built with glm's `cuda` feature: it
 //! needs nvcc (scripts/cuda-toolchain.sh) at build time and a CUDA driver at run time. Without this crate's
 //! `cuda` feature it is empty, so that `cargo build --workspace` on a machine without CUDA still works.
 #![cfg(feature = "cuda")]
@@ -19,7 +19,13 @@ mod matmul;
 mod quantize;
 mod tensor;
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::WrapErr;
 
 pub use attention::decode_attention;
 pub use decode::{
@@ -29,28 +35,64 @@ pub use decode::{
 pub use matmul::GEMV_MAX_ROWS;
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
-/// PTX of kernels/activation.cu.
-const ACTIVATION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
-/// PTX of kernels/argmax.cu.
-const ARGMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
-/// PTX of kernels/attention.cu.
-const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-/// PTX of kernels/dequantize.cu.
-pub const DEQUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequantize.ptx"));
-/// PTX of kernels/embedding.cu.
-const EMBEDDING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/embedding.ptx"));
-/// PTX of kernels/gemv_dense.cu.
-const GEMV_DENSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv_dense.ptx"));
-/// PTX of kernels/gemv_nf4.cu.
-const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv_nf4.ptx"));
-/// PTX of kernels/norm.cu.
-const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
-/// PTX of kernels/quantize_nf4.cu.
-const QUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize_nf4.ptx"));
-/// PTX of kernels/rotary.cu.
-const ROTARY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx"));
-/// PTX of kernels/repack_nf4.cu.
-const REPACK_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/repack_nf4.ptx"));
+/// One kernels/*.cu as build.rs compiled it: a fatbin with SASS for sm_90 and PTX for newer GPUs.
+pub(crate) struct Module {
+    name: &'static str,
+    image: &'static [u8],
+}
+
+macro_rules! module {
+    ($stem:literal) => {
+        Module {
+            name: $stem,
+            image: include_bytes!(concat!(env!("OUT_DIR"), "/", $stem, ".fatbin")),
+        }
+    };
+}
+
+pub(crate) const ACTIVATION: Module = module!("activation");
+pub(crate) const ARGMAX: Module = module!("argmax");
+pub(crate) const ATTENTION: Module = module!("attention");
+pub(crate) const DEQUANTIZE: Module = module!("dequantize");
+pub(crate) const EMBEDDING: Module = module!("embedding");
+pub(crate) const GEMV_DENSE: Module = module!("gemv_dense");
+pub(crate) const GEMV_NF4: Module = module!("gemv_nf4");
+pub(crate) const NORM: Module = module!("norm");
+pub(crate) const QUANTIZE: Module = module!("quantize_nf4");
+pub(crate) const REPACK: Module = module!("repack_nf4");
+pub(crate) const ROTARY: Module = module!("rotary");
+
+impl Module {
+    /// Kernel `function` of this module on `dev`'s CUDA context; the module is loaded once per context and
+    /// kept for the process (the cache holds the context alive, so its address stays a valid key).
+    pub(crate) fn function(
+        &self,
+        dev: &candle_core::CudaDevice,
+        function: &str,
+    ) -> candle_core::Result<CudaFunction> {
+        type Loaded = HashMap<(usize, &'static str), Arc<CudaModule>>;
+        static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+        let context = dev.cuda_stream().context().clone();
+        let key = (Arc::as_ptr(&context) as usize, self.name);
+        let module = {
+            let mut loaded = LOADED
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match loaded.get(&key) {
+                Some(module) => module.clone(),
+                None => {
+                    let module = context
+                        .load_module(Ptx::from_binary(self.image.to_vec()))
+                        .w()?;
+                    loaded.insert(key, module.clone());
+                    module
+                }
+            }
+        };
+        module.load_function(function).w()
+    }
+}
 
 /// What can go wrong preparing or launching a kernel.
 #[derive(Debug, thiserror::Error)]

@@ -14,9 +14,8 @@ use half::{bf16, f16};
 use crate::decode::{device_pointer, DevicePointer};
 use crate::layout::{PackedLayout, TILE_COLS, TILE_ROWS};
 use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
-use crate::{KernelError, GEMV_PTX};
+use crate::KernelError;
 
-const MODULE: &str = "glm_kernels_gemv";
 /// Rows of x the fused GEMV handles (GEMV_MAX_BATCH in gemv_nf4.cu: the n = 8 of mma.m16n8k16).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Warps per block of the generic kernel (one output row each).
@@ -151,11 +150,11 @@ impl CudaNf4Tensor {
             && dtype != DType::F32
             && x.is_multiple_of(16);
         let kind = if tiled { "tiled" } else { "generic" };
-        let func = dev.get_or_load_custom_func(
+        let func = crate::GEMV_NF4.function(
+            dev,
             &format!("gemv_nf4_{kind}_{}{suffix}", self.absmax.kernel_infix()),
-            MODULE,
-            GEMV_PTX,
         )?;
+        let stream = dev.cuda_stream();
         let (cfg, split) = if tiled {
             tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?
         } else {
@@ -168,7 +167,7 @@ impl CudaNf4Tensor {
         };
         let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
         let (n32, k32, layout) = (n as u32, k as u32, self.layout.kernel_arg());
-        let mut args = func.builder();
+        let mut args = stream.launch_builder(&func);
         args.arg(&self.packed);
         if !tiled {
             args.arg(&layout);
@@ -221,16 +220,16 @@ impl CudaNf4Tensor {
         let (n, k) = (self.shape.dims()[0], self.shape.dims()[1]);
         let suffix = dtype_suffix(dtype).expect("f16 or bf16, checked above");
         let dev = self.cuda_device();
-        let func = dev.get_or_load_custom_func(
+        let func = crate::GEMV_NF4.function(
+            dev,
             &format!("gemv_nf4_tiled_{}pair_{suffix}", self.absmax.kernel_infix()),
-            MODULE,
-            GEMV_PTX,
         )?;
+        let stream = dev.cuda_stream();
         let (mut cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?;
         cfg.grid_dim.1 = 2;
         let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
         let (n32, k32) = (n as u32, k as u32);
-        let mut args = func.builder();
+        let mut args = stream.launch_builder(&func);
         args.arg(&self.packed);
         self.absmax.push_args(&mut args);
         args.arg(&y).arg(&other.packed);

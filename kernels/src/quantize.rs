@@ -11,9 +11,8 @@ use nf4::{dynamic_map_signed, FloatDtype, Nf4Error, QuantOptions, QuantType};
 
 use crate::layout::PackedLayout;
 use crate::tensor::{cuda_view, CudaNf4Tensor, DeviceAbsmax, NESTED_BLOCKSIZE};
-use crate::{KernelError, QUANTIZE_PTX};
+use crate::KernelError;
 
-const MODULE: &str = "glm_kernels_quantize";
 /// Warps per thread block of the first pass (one absmax block per warp).
 const BLOCKS_PASS_WARPS: usize = 8;
 const MAX_GRID: usize = 1 << 20;
@@ -133,11 +132,8 @@ impl FirstPass<'_> {
         let mut packed = unsafe { dev.alloc::<u8>(self.numel.div_ceil(2))? };
         let mut absmax = unsafe { dev.alloc::<f32>(blocks)? };
         let mut first_bad = dev.clone_htod(&[u64::MAX])?;
-        let func = dev.get_or_load_custom_func(
-            &format!("quantize_nf4_blocks_{suffix}"),
-            MODULE,
-            QUANTIZE_PTX,
-        )?;
+        let func = crate::QUANTIZE.function(dev, &format!("quantize_nf4_blocks_{suffix}"))?;
+        let stream = dev.cuda_stream();
         let cfg = LaunchConfig {
             grid_dim: (
                 blocks.div_ceil(BLOCKS_PASS_WARPS).min(MAX_GRID) as u32,
@@ -148,7 +144,7 @@ impl FirstPass<'_> {
             shared_mem_bytes: 0,
         };
         let (blocksize, layout) = (self.blocksize as u32, self.layout.kernel_arg());
-        let mut args = func.builder();
+        let mut args = stream.launch_builder(&func);
         args.arg(&values)
             .arg(&self.numel)
             .arg(&blocksize)
@@ -190,13 +186,14 @@ fn double_quantize(
     // SAFETY: the kernel writes every code and every nested scale.
     let mut codes = unsafe { dev.alloc::<u8>(blocks)? };
     let mut nested_absmax = unsafe { dev.alloc::<f32>(nested_blocks)? };
-    let func = dev.get_or_load_custom_func("quantize_nf4_absmax", MODULE, QUANTIZE_PTX)?;
+    let func = crate::QUANTIZE.function(dev, "quantize_nf4_absmax")?;
+    let stream = dev.cuda_stream();
     let cfg = LaunchConfig {
         grid_dim: (nested_blocks.min(MAX_GRID) as u32, 1, 1),
         block_dim: (NESTED_BLOCKSIZE as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut args = func.builder();
+    let mut args = stream.launch_builder(&func);
     args.arg(absmax)
         .arg(&blocks)
         .arg(&offset)
