@@ -2,7 +2,8 @@
 
 pub use glm_kernels::cuda_device_or_skip;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
+use glm_kernels::{device_pointer, DevicePointer};
 
 /// Weight name used in the tests' NF4 tensors (error messages must name it).
 pub const NAME: &str = "model.layers.0.mlp.down_proj.weight";
@@ -37,4 +38,22 @@ pub fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
     let norm: f64 = want.iter().map(|w| w * w).sum();
     (diff / if norm > 0.0 { norm } else { 1.0 }).sqrt()
+}
+
+/// The device address of a contiguous CUDA tensor.
+pub fn ptr(t: &Tensor) -> DevicePointer {
+    assert!(t.is_contiguous());
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        panic!("not on the GPU")
+    };
+    let base = match t.dtype() {
+        DType::F32 => device_pointer(s.as_cuda_slice::<f32>().unwrap(), &s.device),
+        DType::F16 => device_pointer(s.as_cuda_slice::<half::f16>().unwrap(), &s.device),
+        DType::BF16 => device_pointer(s.as_cuda_slice::<half::bf16>().unwrap(), &s.device),
+        DType::U32 => device_pointer(s.as_cuda_slice::<u32>().unwrap(), &s.device),
+        DType::U8 => device_pointer(s.as_cuda_slice::<u8>().unwrap(), &s.device),
+        other => panic!("{other:?}"),
+    };
+    base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64
 }

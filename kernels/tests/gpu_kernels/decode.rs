@@ -2,37 +2,16 @@
 //! attention.cu's position-reading variant) against f64 references on the CPU, on awkward sizes and in every
 //! dtype. They take raw device pointers; the tensors here own the memory.
 
-use candle_core::{DType, Device, Storage, Tensor, D};
-use glm_kernels::{
-    argmax_scratch_bytes, decode_attention, device_pointer, DecodeKernels, DevicePointer,
-    RotaryKvWrite,
-};
+use candle_core::{DType, Device, Tensor, D};
+use glm_kernels::{argmax_scratch_bytes, decode_attention, DecodeKernels, RotaryKvWrite};
 
-use crate::common::{cuda_device_or_skip, relative_error, to_f64};
+use crate::common::{cuda_device_or_skip, ptr, relative_error, to_f64};
 
 const DTYPES: [(DType, f64); 3] = [
     (DType::F32, 1e-6),
     (DType::F16, 2e-3),
     (DType::BF16, 1.6e-2),
 ];
-
-/// The device address of a contiguous CUDA tensor.
-fn ptr(t: &Tensor) -> DevicePointer {
-    assert!(t.is_contiguous());
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else {
-        panic!("not on the GPU")
-    };
-    let base = match t.dtype() {
-        DType::F32 => device_pointer(s.as_cuda_slice::<f32>().unwrap(), &s.device),
-        DType::F16 => device_pointer(s.as_cuda_slice::<half::f16>().unwrap(), &s.device),
-        DType::BF16 => device_pointer(s.as_cuda_slice::<half::bf16>().unwrap(), &s.device),
-        DType::U32 => device_pointer(s.as_cuda_slice::<u32>().unwrap(), &s.device),
-        DType::U8 => device_pointer(s.as_cuda_slice::<u8>().unwrap(), &s.device),
-        other => panic!("{other:?}"),
-    };
-    base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64
-}
 
 fn randn(shape: &[usize], dtype: DType) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)

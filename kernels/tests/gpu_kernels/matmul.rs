@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use glm_kernels::{CudaNf4Tensor, HostNf4, KernelError};
 use nf4::{Nf4Tensor, QuantOptions};
 
-use crate::common::{cuda_device_or_skip, relative_error, to_f64, weights, NAME};
+use crate::common::{cuda_device_or_skip, ptr, relative_error, to_f64, weights, NAME};
 
 /// A weight quantized on the CPU and uploaded, with its f32 dequantized values for the reference.
 struct Weight {
@@ -212,20 +212,6 @@ fn matmul_rejects_bad_inputs() {
 fn pair_gemv_equals_two_gemvs() {
     let Some(gpu) = cuda_device_or_skip("pair_gemv_equals_two_gemvs") else {
         return;
-    };
-    let Device::Cuda(dev) = &gpu else {
-        unreachable!()
-    };
-    let ptr = |t: &Tensor| {
-        let (storage, layout) = t.storage_and_layout();
-        let candle_core::Storage::Cuda(s) = &*storage else {
-            unreachable!()
-        };
-        let base = match t.dtype() {
-            DType::F16 => glm_kernels::device_pointer(s.as_cuda_slice::<half::f16>().unwrap(), dev),
-            _ => glm_kernels::device_pointer(s.as_cuda_slice::<half::bf16>().unwrap(), dev),
-        };
-        base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64
     };
     for (rows, cols, blocksize, double_quant, other_rows) in [
         (256, 4096, 64, true, 256),
