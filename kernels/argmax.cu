@@ -14,11 +14,14 @@
 #define ARGMAX_BLOCKS 64
 #define ARGMAX_ROW_BYTES (8 + ARGMAX_BLOCKS * 8)
 
+// No element seen: any element beats it, so a row of -inf still yields its first index.
+#define ARGMAX_NONE 0xffffffffu
+
 // (value, index) with the larger value, the smaller index among equal values; a NaN value wins (it marks a row
-// holding NaN).
+// holding NaN); an index of ARGMAX_NONE is no candidate.
 __device__ __forceinline__ void better(float &best, unsigned &index, float other, unsigned other_index) {
-    if (isnan(best)) return;
-    if (isnan(other) || other > best || (other == best && other_index < index)) {
+    if (other_index == ARGMAX_NONE || (index != ARGMAX_NONE && isnan(best))) return;
+    if (index == ARGMAX_NONE || isnan(other) || other > best || (other == best && other_index < index)) {
         best = other;
         index = other_index;
     }
@@ -54,17 +57,10 @@ __device__ void argmax_rows(const T *__restrict__ logits, unsigned vocab, unsign
     float *part_value = reinterpret_cast<float *>(row_scratch + 8);
     unsigned *part_index = reinterpret_cast<unsigned *>(row_scratch + 8 + ARGMAX_BLOCKS * 4);
     const T *values = logits + (size_t)row * vocab;
-    // -inf with no index: any element beats it, and a row of -inf still yields its first index.
     float best = -INFINITY;
-    unsigned index = 0xffffffffu;
+    unsigned index = ARGMAX_NONE;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {
-        const float v = to_f32(values[i]);
-        if (index == 0xffffffffu) {
-            best = v;
-            index = i;
-        } else {
-            better(best, index, v, i);
-        }
+        better(best, index, to_f32(values[i]), i);
     }
     block_best(best, index);
     __shared__ bool last;
@@ -77,21 +73,13 @@ __device__ void argmax_rows(const T *__restrict__ logits, unsigned vocab, unsign
     __syncthreads();
     if (!last) return;
     best = -INFINITY;
-    index = 0xffffffffu;
+    index = ARGMAX_NONE;
     for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
-        const float v = __ldcg(part_value + b);
-        const unsigned i = __ldcg(part_index + b);
-        if (i == 0xffffffffu) continue;
-        if (index == 0xffffffffu) {
-            best = v;
-            index = i;
-        } else {
-            better(best, index, v, i);
-        }
+        better(best, index, __ldcg(part_value + b), __ldcg(part_index + b));
     }
     block_best(best, index);
     if (threadIdx.x == 0) {
-        tokens[row] = isnan(best) ? 0xffffffffu : index;
+        tokens[row] = isnan(best) ? 0xffffffffu : index; // ARGMAX_NONE only for an empty row
         *done = 0;
         if (row == 0) *pos += 1;
     }

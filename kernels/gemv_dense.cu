@@ -16,15 +16,6 @@ template <typename T> union Chunk {
     T values[16 / sizeof(T)];
 };
 
-// Weights are read once: keep them out of L1, which holds x.
-__device__ __forceinline__ uint4 load_weights(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 template <typename T>
 __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *__restrict__ y, unsigned n,
                            unsigned k, unsigned batch, unsigned vectorized) {
@@ -45,7 +36,7 @@ __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *
 #pragma unroll
             for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
                 const unsigned c = base + 32 * i;
-                wc[i].raw = c < chunks ? load_weights(w_chunks + c) : make_uint4(0, 0, 0, 0);
+                wc[i].raw = c < chunks ? load_streaming(w_chunks + c) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {

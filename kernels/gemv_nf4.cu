@@ -42,15 +42,6 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-// Codes are read once: keep them out of L1, which holds x.
-__device__ __forceinline__ uint4 load_streaming(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 // The table entry of byte BYTE (0..3) of w: the pair of codebook values of its two codes, from this lane's copy
 // (`lane_table` is its shared-memory address). Two instructions: a byte permute isolates the byte, a
 // multiply-add addresses it (written in PTX: the compiler's own indexing takes four).
