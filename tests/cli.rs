@@ -134,6 +134,10 @@ fn streamed_text_is_the_json_text() {
     // The decision and the speed report go to stderr, not into the answer.
     assert!(run.stderr.contains("dense"), "{}", run.stderr);
     assert!(run.stderr.contains("tok/s"), "{}", run.stderr);
+    // On the CPU every --decode mode is the op-by-op decoder: the same text.
+    let plain = glm_run(&["--max-new-tokens", "24", "--decode", "plain", prompt]);
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    assert_eq!(plain.stdout, run.stdout);
 }
 
 #[test]
@@ -469,7 +473,7 @@ fn hub_id_loads_from_the_offline_cache() {
 
 #[test]
 fn bad_flags_fail_in_one_line() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &["--quant", "8bit", "x"],
             "possible values: auto, 4bit, none",
@@ -484,6 +488,10 @@ fn bad_flags_fail_in_one_line() {
         (&["--device", "cuda", "x"], "--device cuda"),
         (&["--memory-limit", "12 parsecs", "x"], "unknown unit"),
         (&["--top-p", "1.5", "x"], "top"),
+        (
+            &["--decode", "eager", "x"],
+            "possible values: plain, fused, graph",
+        ),
     ];
     for (args, needle) in cases {
         assert_fails(&glm_run(args), &[needle]);
