@@ -189,26 +189,38 @@ fn apply_top_k(scores: &mut [f32], k: usize) {
 /// probability stays ≤ 1 - top_p, always keeping the most likely token.
 ///
 /// Only finite scores are sorted: a -inf score (removed by top-k, say) has probability 0 and sits below
-/// every finite one, so it adds nothing to the sums and stays removed. (score, index) pairs sorted
-/// unstably by both are in the order a stable sort by score gives, for a fraction of its cost.
+/// every finite one, so it adds nothing to the sums and stays removed. Sorting by (score, index) gives
+/// the order a stable sort by score gives, for a fraction of its cost.
 fn apply_top_p(scores: &mut [f32], top_p: f64) {
-    let mut order: Vec<(f32, u32)> = scores
+    // One u64 per finite score: its f32 bits mapped to an unsigned order (the order of `total_cmp`) above the
+    // index, so a plain integer sort orders by score, then index.
+    let key = |s: f32, i: usize| {
+        let bits = s.to_bits();
+        let ordered = if bits >> 31 == 1 {
+            !bits
+        } else {
+            bits | 1 << 31
+        };
+        (u64::from(ordered) << 32) | i as u64
+    };
+    let mut order: Vec<u64> = scores
         .iter()
         .enumerate()
         .filter(|(_, s)| s.is_finite())
-        .map(|(i, &s)| (s, i as u32))
+        .map(|(i, &s)| key(s, i))
         .collect();
-    order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let sorted: Vec<f32> = order.iter().map(|&(s, _)| s).collect();
+    order.sort_unstable();
+    let index = |k: u64| (k & u64::from(u32::MAX)) as usize;
+    let sorted: Vec<f32> = order.iter().map(|&k| scores[index(k)]).collect();
     let probs = softmax(&sorted);
     // torch compares the float32 cumsum (accumulated in double on the CPU) with 1 - top_p as float32.
     let threshold = (1.0 - top_p) as f32;
     let mut cumulative = 0.0f64;
     let last = order.len().saturating_sub(1);
-    for (rank, (&(_, index), &p)) in order.iter().zip(&probs).enumerate() {
+    for (rank, (&k, &p)) in order.iter().zip(&probs).enumerate() {
         cumulative += f64::from(p);
         if rank < last && cumulative as f32 <= threshold {
-            scores[index as usize] = f32::NEG_INFINITY;
+            scores[index(k)] = f32::NEG_INFINITY;
         }
     }
 }
@@ -353,6 +365,60 @@ impl StopCondition {
             Some(FinishReason::Length)
         } else {
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// transformers' top-p as written: a stable sort of every score by value, cumsum from the smallest.
+    fn top_p_by_full_stable_sort(scores: &mut [f32], top_p: f64) {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
+        let probs = softmax(&sorted);
+        let threshold = (1.0 - top_p) as f32;
+        let mut cumulative = 0.0f64;
+        for (rank, (&index, &p)) in order.iter().zip(&probs).enumerate() {
+            cumulative += f64::from(p);
+            if rank < order.len() - 1 && cumulative as f32 <= threshold {
+                scores[index] = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// The sort by integer keys over finite scores keeps exactly what the full stable sort keeps: ties
+    /// (many equal scores), negative and positive zeros, -inf from top-k, one finite score.
+    #[test]
+    fn top_p_matches_the_full_stable_sort() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let n = rng.random_range(1..2000);
+            let levels = rng.random_range(1..40);
+            let mut scores: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => f32::NEG_INFINITY,
+                    1 => -0.0,
+                    2 => 0.0,
+                    _ => rng.random_range(0..levels) as f32 * 0.37 - 5.0,
+                })
+                .collect();
+            if scores.iter().all(|s| *s == f32::NEG_INFINITY) {
+                scores[0] = 1.0;
+            }
+            for top_p in [0.1, 0.5, 0.8, 0.95, 0.999] {
+                let (mut ours, mut want) = (scores.clone(), scores.clone());
+                apply_top_p(&mut ours, top_p);
+                top_p_by_full_stable_sort(&mut want, top_p);
+                assert_eq!(
+                    ours.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                    "case {case}, top_p {top_p}"
+                );
+            }
         }
     }
 }
