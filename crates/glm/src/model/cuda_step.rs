@@ -1,11 +1,11 @@
 //! The decode step on a CUDA device as a fixed sequence of our kernels over preallocated buffers, launched
 //! directly or replayed as one captured CUDA graph.
 //!
-//! [`Model::forward`] decodes op by op through candle: some fifty launches per layer, each with host-side
+//! [`Model::forward`] decodes op by op through candle: about 65 launches per layer, each with host-side
 //! dispatch and an allocation, which costs far more than reading the weights (benches/results/decode-overhead.md).
-//! [`CudaDecoder`] runs the same arithmetic as eleven kernels per layer (norms fused with the residual adds, bias +
-//! rotary + KV-cache write in one, silu·up in one, GEMVs writing into scratch buffers) with nothing allocated
-//! per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
+//! [`CudaDecoder`] runs the same arithmetic as ten kernels per layer (norms fused with the residual adds, k and v
+//! in one GEMV launch, bias + rotary + KV-cache write in one, silu·up in one, GEMVs writing into scratch
+//! buffers) with nothing allocated per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
 //! previous step's greedy argmax wrote, the rotary and attention kernels read the position, and the argmax kernel
 //! advances it, so that every step has the same arguments and one CUDA graph, captured at the second step,
 //! serves all the others. The only host-device traffic per token is reading the chosen token ids back.
