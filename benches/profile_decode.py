@@ -74,9 +74,8 @@ def main():
             n = sum(c for c, _ in steps[mode].values())
             busy = 1e3 * sum(t for _, t in steps[mode].values())
             wall = ms.get(mode)
-            idle = f"{100 * (1 - busy / wall):.0f}%" if wall else "–"
-            md.append(f"| {mode} | {n} | {n / args.layers:.1f} | {busy:.3f} | {wall:.3f} | {idle} |" if wall else
-                      f"| {mode} | {n} | {n / args.layers:.1f} | {busy:.3f} | – | – |")
+            wall_text, idle = (f"{wall:.3f}", f"{100 * (1 - busy / wall):.0f}%") if wall else ("–", "–")
+            md.append(f"| {mode} | {n} | {n / args.layers:.1f} | {busy:.3f} | {wall_text} | {idle} |")
         if "graph" in steps:
             md.append("\nKernels of one graph step (grid size tells the GEMV shapes apart):\n")
             md.append("| kernel | grid | launches | µs total | µs each |")
