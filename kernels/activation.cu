@@ -15,6 +15,7 @@ __device__ void silu_mul(const T *__restrict__ gate_up, T *__restrict__ out, uns
 
 #define ACTIVATION_KERNEL(SUFFIX, T)                                                                           \
     extern "C" __global__ void silu_mul_##SUFFIX(const T *gate_up, T *out, unsigned inter, size_t total) {      \
+        grid_dependency_wait();                                                                               \
         silu_mul<T>(gate_up, out, inter, total);                                                              \
     }
 

@@ -89,6 +89,7 @@ __device__ void argmax_rows(const T *__restrict__ logits, unsigned vocab, unsign
     extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)                                             \
         argmax_rows_##SUFFIX(const T *logits, unsigned vocab, unsigned *tokens, unsigned *pos,                 \
                              uint8_t *scratch) {                                                               \
+        grid_dependency_wait();                                                                               \
         argmax_rows<T>(logits, vocab, tokens, pos, scratch);                                                  \
     }
 

@@ -85,6 +85,7 @@ __device__ void decode_attention(const T *__restrict__ q, const T *__restrict__ 
     extern "C" __global__ void decode_attention_##SUFFIX(const T *q, const T *k, const T *v, T *out,       \
                                                          unsigned rep, unsigned capacity, unsigned len,    \
                                                          unsigned head_dim, float scale) {                \
+        grid_dependency_wait();                                                                            \
         decode_attention<T>(q, k, v, out, rep, capacity, len, head_dim, scale);                           \
     }
 
@@ -95,6 +96,7 @@ __device__ void decode_attention(const T *__restrict__ q, const T *__restrict__ 
                                                             unsigned rep, unsigned capacity,               \
                                                             const unsigned *pos, unsigned head_dim,        \
                                                             float scale) {                                 \
+        grid_dependency_wait();                                                                            \
         decode_attention<T>(q, k, v, out, rep, capacity, *pos + 1, head_dim, scale);                      \
     }
 

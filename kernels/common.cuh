@@ -101,6 +101,27 @@ __device__ __forceinline__ uint4 load_streaming(const uint4 *p) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization attribute may start
+// while the kernel before it in the stream still runs (the decode step launches so, kernels/src/launch.rs), so that
+// its launch and whatever it does first (weight prefetches) overlap that kernel's tail. It must read and write
+// nothing another kernel writes, nor write anything another kernel reads, before this returns: the wait returns
+// once the previous kernel has completed and its writes are visible, and that kernel waited for the one before
+// it. Then the next kernel may start. Launched plainly, both instructions are no-ops.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch `bytes` (a multiple of 16) of read-only data at 16-byte aligned `p` (weights), without
+// registers or L1: a kernel issues it before grid_dependency_wait so that the fetch overlaps the previous kernel.
+__device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // Sum of one float per thread over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float partial[32];

@@ -13,6 +13,7 @@ __device__ void embed_rows(const T *__restrict__ table, const unsigned *__restri
 #define EMBEDDING_KERNEL(SUFFIX, T)                                                                            \
     extern "C" __global__ void embed_rows_##SUFFIX(const T *table, const unsigned *tokens, T *out,            \
                                                    unsigned hidden) {                                         \
+        grid_dependency_wait();                                                                               \
         embed_rows<T>(table, tokens, out, hidden);                                                            \
     }
 

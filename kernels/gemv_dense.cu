@@ -10,6 +10,9 @@
 #define DENSE_WARPS 8
 #define DENSE_MAX_BATCH 8
 #define DENSE_CHUNKS_IN_FLIGHT 4
+// Bytes of its row a warp asks L2 for before waiting on the previous kernel (common.cuh): a row's worth of GLM's
+// hidden size in 16-bit, and for all resident warps together well under the L2.
+#define DENSE_PREFETCH_BYTES 8192
 
 template <typename T> union Chunk {
     uint4 raw;
@@ -24,6 +27,8 @@ __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *
     const unsigned row = blockIdx.x * DENSE_WARPS + warp;
     if (row >= n) return;
     const T *w_row = w + (size_t)row * k;
+    if (vectorized && lane == 0) prefetch_l2(w_row, min(k * (unsigned)sizeof(T), DENSE_PREFETCH_BYTES));
+    grid_dependency_wait();
     float acc[DENSE_MAX_BATCH];
 #pragma unroll
     for (int b = 0; b < DENSE_MAX_BATCH; ++b) acc[b] = 0.0f;

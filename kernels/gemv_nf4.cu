@@ -76,6 +76,9 @@ __device__ __forceinline__ void tile_step(float (&c)[4], uint32_t lane_table, co
 #define GEMV_MIN_BLOCKS 2
 // Scales a lane decodes per group of tiles: the warp decodes 16 rows x GEMV_TILES_IN_FLIGHT tiles at once.
 #define GEMV_SCALES_PER_LANE (NF4_TILE_ROWS * GEMV_TILES_IN_FLIGHT / 32)
+// Tiles of its first run a warp asks L2 for before waiting on the previous kernel (common.cuh): 4 KB a warp, at
+// most ~17 MB over all resident warps, a third of the H100's L2.
+#define GEMV_PREFETCH_TILES 8
 
 // `split` (1, 2, 4, 8 or 16) warps share a strip (16 rows of W), each taking a contiguous run of its tiles,
 // GEMV_TILES_IN_FLIGHT at a time (all loads first); a block works on GEMV_WARPS / split strips at once and loops
@@ -91,6 +94,18 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
     __shared__ __align__(16) uint32_t table[256 * 32];
     __shared__ float partial[GEMV_WARPS][32][4];
     __shared__ uint32_t values[16];
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const unsigned tiles = cols / NF4_TILE_COLS, strips = rows / NF4_TILE_ROWS;
+    const unsigned strips_per_block = GEMV_WARPS / split, block_strip = warp / split;
+    const unsigned run = (tiles + split - 1) / split;
+    const unsigned first_tile = min(tiles, (warp % split) * run), end_tile = min(tiles, first_tile + run);
+    // Weights do not depend on the previous kernel: fetch this warp's first tiles while it runs (and build the
+    // table), then wait for x.
+    const unsigned first_strip = blockIdx.x * strips_per_block + block_strip;
+    if (lane == 0 && first_strip < strips && first_tile < end_tile) {
+        prefetch_l2(packed + ((size_t)first_strip * tiles + first_tile) * 32,
+                    min(end_tile - first_tile, GEMV_PREFETCH_TILES) * NF4_TILE_BYTES);
+    }
     if (threadIdx.x < 16) {
         const float codebook[16] = NF4_CODEBOOK_INIT;
         values[threadIdx.x] = Mma<T>::bits(codebook[threadIdx.x]);
@@ -103,13 +118,9 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
         reinterpret_cast<uint4 *>(table)[i] = make_uint4(entry, entry, entry, entry);
     }
     __syncthreads();
+    grid_dependency_wait();
 
-    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const uint32_t lane_table = (uint32_t)__cvta_generic_to_shared(table + lane);
-    const unsigned tiles = cols / NF4_TILE_COLS, strips = rows / NF4_TILE_ROWS;
-    const unsigned strips_per_block = GEMV_WARPS / split, block_strip = warp / split;
-    const unsigned run = (tiles + split - 1) / split;
-    const unsigned first_tile = min(tiles, (warp % split) * run), end_tile = min(tiles, first_tile + run);
     // Lane 4r + j: A rows r and r + 8, B column (row of x) r, columns 16j..16j+15 of each tile. Lanes past the
     // batch load row 0 again: B column r only feeds output column r, which is not stored.
     const unsigned r = lane / 4, j = lane % 4;
@@ -207,6 +218,7 @@ template <typename T, typename Absmax>
 __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned tiled_row_chunks, Absmax absmax,
                                  const T *__restrict__ x, T *__restrict__ y, size_t rows, size_t cols,
                                  unsigned batch, unsigned blocksize_log2) {
+    grid_dependency_wait();
     __shared__ float codebook[16];
     const float init[16] = NF4_CODEBOOK_INIT;
     if (threadIdx.x < 16) {

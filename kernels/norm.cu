@@ -81,11 +81,13 @@ __device__ void residual_rms_norm(T *__restrict__ residual, const T *__restrict_
 #define NORM_KERNELS(SUFFIX, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
         rms_norm_##SUFFIX(const T *x, const T *weight, T *out, unsigned dim, float eps) {                     \
+        grid_dependency_wait();                                                                               \
         rms_norm<T>(x, weight, out, dim, eps);                                                                \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
         residual_rms_norm_##SUFFIX(T *residual, const T *delta, const T *delta_weight, const T *weight, T *out, \
                                    unsigned dim, float eps) {                                                 \
+        grid_dependency_wait();                                                                               \
         residual_rms_norm<T>(residual, delta, delta_weight, weight, out, dim, eps);                           \
     }
 

@@ -61,6 +61,7 @@ __device__ void rotary_kv_write(const T *__restrict__ q_raw, const T *__restrict
         const T *q_raw, const T *k_raw, const T *v_raw, const T *q_bias, const T *k_bias, const T *v_bias,     \
         const float *inv_freq, const unsigned *pos, T *q_out, T *k_cache, T *v_cache, unsigned heads,          \
         unsigned kv_heads, unsigned head_dim, unsigned rotary_dim, unsigned capacity) {                        \
+        grid_dependency_wait();                                                                               \
         rotary_kv_write<T>(q_raw, k_raw, v_raw, q_bias, k_bias, v_bias, inv_freq, pos, q_out, k_cache, v_cache, \
                            heads, kv_heads, head_dim, rotary_dim, capacity);                                    \
     }

@@ -11,10 +11,11 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, DevicePtr, LaunchConfig,
 };
-use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, DType};
+
+use crate::launch::KernelArgs;
 
 use crate::tensor::dtype_suffix;
 use crate::{
@@ -117,8 +118,18 @@ impl DecodeKernels {
         self.dtype
     }
 
-    fn builder<'a>(&'a self, func: &'a CudaFunction) -> LaunchArgs<'a> {
-        self.stream.launch_builder(func)
+    /// Launches `func` on the step's stream; `overlap` as [`KernelArgs::launch`].
+    ///
+    /// # Safety
+    /// As [`KernelArgs::launch`].
+    unsafe fn launch(
+        &self,
+        func: &CudaFunction,
+        args: &mut KernelArgs,
+        cfg: LaunchConfig,
+        overlap: bool,
+    ) -> Result<(), KernelError> {
+        unsafe { args.launch(func, &self.stream, cfg, overlap) }
     }
 
     /// `out = RmsNorm(x) · weight` for `rows` rows of `dim`.
@@ -136,9 +147,16 @@ impl DecodeKernels {
     ) -> Result<(), KernelError> {
         check_norm_dim(dim)?;
         let dim = dim as u32;
-        let mut args = self.builder(&self.rms_norm);
-        args.arg(&x).arg(&weight).arg(&out).arg(&dim).arg(&eps);
-        unsafe { args.launch(rows_config(rows, NORM_THREADS)) }.w()?;
+        let mut args = KernelArgs::new();
+        args.arg(x).arg(weight).arg(out).arg(dim).arg(eps);
+        unsafe {
+            self.launch(
+                &self.rms_norm,
+                &mut args,
+                rows_config(rows, NORM_THREADS),
+                false,
+            )
+        }?;
         Ok(())
     }
 
@@ -160,15 +178,22 @@ impl DecodeKernels {
     ) -> Result<(), KernelError> {
         check_norm_dim(dim)?;
         let (dim, delta_weight) = (dim as u32, delta_weight.unwrap_or(0));
-        let mut args = self.builder(&self.residual_rms_norm);
-        args.arg(&residual)
-            .arg(&delta)
-            .arg(&delta_weight)
-            .arg(&weight)
-            .arg(&out)
-            .arg(&dim)
-            .arg(&eps);
-        unsafe { args.launch(rows_config(rows, NORM_THREADS)) }.w()?;
+        let mut args = KernelArgs::new();
+        args.arg(residual)
+            .arg(delta)
+            .arg(delta_weight)
+            .arg(weight)
+            .arg(out)
+            .arg(dim)
+            .arg(eps);
+        unsafe {
+            self.launch(
+                &self.residual_rms_norm,
+                &mut args,
+                rows_config(rows, NORM_THREADS),
+                true,
+            )
+        }?;
         Ok(())
     }
 
@@ -185,29 +210,29 @@ impl DecodeKernels {
             r.rotary_dim as u32,
             r.capacity as u32,
         );
-        let mut args = self.builder(&self.rotary_kv_write);
-        args.arg(&r.q_raw)
-            .arg(&r.k_raw)
-            .arg(&r.v_raw)
-            .arg(&q_bias)
-            .arg(&k_bias)
-            .arg(&v_bias)
-            .arg(&r.inv_freq)
-            .arg(&r.pos)
-            .arg(&r.q_out)
-            .arg(&r.k_cache)
-            .arg(&r.v_cache)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&head_dim)
-            .arg(&rotary_dim)
-            .arg(&capacity);
+        let mut args = KernelArgs::new();
+        args.arg(r.q_raw)
+            .arg(r.k_raw)
+            .arg(r.v_raw)
+            .arg(q_bias)
+            .arg(k_bias)
+            .arg(v_bias)
+            .arg(r.inv_freq)
+            .arg(r.pos)
+            .arg(r.q_out)
+            .arg(r.k_cache)
+            .arg(r.v_cache)
+            .arg(heads)
+            .arg(kv_heads)
+            .arg(head_dim)
+            .arg(rotary_dim)
+            .arg(capacity);
         let cfg = LaunchConfig {
             grid_dim: ((r.heads + 2 * r.kv_heads) as u32, r.batch as u32, 1),
             block_dim: ((r.head_dim / 2).clamp(32, 128) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { self.launch(&self.rotary_kv_write, &mut args, cfg, true) }?;
         Ok(())
     }
 
@@ -232,22 +257,22 @@ impl DecodeKernels {
         scale: f32,
     ) -> Result<(), KernelError> {
         let (rep, capacity, head_dim) = (rep as u32, capacity as u32, head_dim as u32);
-        let mut args = self.builder(&self.attention);
-        args.arg(&q)
-            .arg(&k_cache)
-            .arg(&v_cache)
-            .arg(&out)
-            .arg(&rep)
-            .arg(&capacity)
-            .arg(&pos)
-            .arg(&head_dim)
-            .arg(&scale);
+        let mut args = KernelArgs::new();
+        args.arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(out)
+            .arg(rep)
+            .arg(capacity)
+            .arg(pos)
+            .arg(head_dim)
+            .arg(scale);
         let cfg = LaunchConfig {
             grid_dim: (heads_total as u32, 1, 1),
             block_dim: (32 * ATTENTION_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { self.launch(&self.attention, &mut args, cfg, true) }?;
         Ok(())
     }
 
@@ -263,14 +288,14 @@ impl DecodeKernels {
         inter: usize,
     ) -> Result<(), KernelError> {
         let (total, inter32) = (rows * inter, inter as u32);
-        let mut args = self.builder(&self.silu_mul);
-        args.arg(&gate_up).arg(&out).arg(&inter32).arg(&total);
+        let mut args = KernelArgs::new();
+        args.arg(gate_up).arg(out).arg(inter32).arg(total);
         let cfg = LaunchConfig {
             grid_dim: (total.div_ceil(256).min(65535) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { self.launch(&self.silu_mul, &mut args, cfg, true) }?;
         Ok(())
     }
 
@@ -287,9 +312,16 @@ impl DecodeKernels {
         hidden: usize,
     ) -> Result<(), KernelError> {
         let hidden = hidden as u32;
-        let mut args = self.builder(&self.embed_rows);
-        args.arg(&table).arg(&tokens).arg(&out).arg(&hidden);
-        unsafe { args.launch(rows_config(rows, ROW_THREADS)) }.w()?;
+        let mut args = KernelArgs::new();
+        args.arg(table).arg(tokens).arg(out).arg(hidden);
+        unsafe {
+            self.launch(
+                &self.embed_rows,
+                &mut args,
+                rows_config(rows, ROW_THREADS),
+                false,
+            )
+        }?;
         Ok(())
     }
 
@@ -309,18 +341,18 @@ impl DecodeKernels {
         scratch: DevicePointer,
     ) -> Result<(), KernelError> {
         let vocab = vocab as u32;
-        let mut args = self.builder(&self.argmax_rows);
-        args.arg(&logits)
-            .arg(&vocab)
-            .arg(&tokens)
-            .arg(&pos)
-            .arg(&scratch);
+        let mut args = KernelArgs::new();
+        args.arg(logits)
+            .arg(vocab)
+            .arg(tokens)
+            .arg(pos)
+            .arg(scratch);
         let cfg = LaunchConfig {
             grid_dim: (ARGMAX_BLOCKS as u32, rows as u32, 1),
             block_dim: (ARGMAX_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { self.launch(&self.argmax_rows, &mut args, cfg, true) }?;
         Ok(())
     }
 
@@ -381,22 +413,22 @@ impl DecodeKernels {
                 && [w0, w1, x].iter().all(|p| p.is_multiple_of(16)),
         );
         let (n32, k32, rows32) = (n as u32, k as u32, rows as u32);
-        let mut args = self.builder(&self.gemv_dense);
-        args.arg(&w0)
-            .arg(&y0)
-            .arg(&w1)
-            .arg(&y1)
-            .arg(&x)
-            .arg(&n32)
-            .arg(&k32)
-            .arg(&rows32)
-            .arg(&vectorized);
+        let mut args = KernelArgs::new();
+        args.arg(w0)
+            .arg(y0)
+            .arg(w1)
+            .arg(y1)
+            .arg(x)
+            .arg(n32)
+            .arg(k32)
+            .arg(rows32)
+            .arg(vectorized);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(DENSE_WARPS as usize) as u32, count, 1),
             block_dim: (32 * DENSE_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { self.launch(&self.gemv_dense, &mut args, cfg, true) }?;
         Ok(())
     }
 }

@@ -1,10 +1,12 @@
 //! `CudaNf4Tensor::dequantize`: kernels/dequantize.cu launched on the tensor's device.
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
+use crate::decode::device_pointer;
+use crate::launch::KernelArgs;
 use crate::tensor::{dtype_suffix, wrap, CudaNf4Tensor};
 use crate::KernelError;
 
@@ -42,7 +44,7 @@ impl CudaNf4Tensor {
         let dev = self.cuda_device();
         let numel = self.shape.elem_count();
         // SAFETY: the kernel writes all `numel` outputs.
-        let mut out = unsafe { dev.alloc::<T>(numel)? };
+        let out = unsafe { dev.alloc::<T>(numel)? };
         let blocksize_log2 = self.blocksize.trailing_zeros();
         let layout = self.layout.kernel_arg();
         // Enough threads for the whole units, and for the tail when there are none.
@@ -57,14 +59,17 @@ impl CudaNf4Tensor {
             dev,
             &format!("dequantize_nf4_{}{suffix}", self.absmax.kernel_infix()),
         )?;
-        let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
-        args.arg(&self.packed).arg(&layout);
-        self.absmax.push_args(&mut args);
-        args.arg(&mut out).arg(&numel).arg(&blocksize_log2);
+        let mut args = KernelArgs::new();
+        args.arg(device_pointer(&self.packed, dev)).arg(layout);
+        self.absmax.push_args(&mut args, dev);
+        args.arg(device_pointer(&out, dev))
+            .arg(numel)
+            .arg(blocksize_log2);
         // SAFETY: argument list matches dequantize_nf4_[nested_]<suffix> in kernels/dequantize.cu; the tensor's
-        // sizes were checked when it was built.
-        unsafe { args.launch(cfg) }.w()?;
+        // sizes were checked when it was built; `out` and the tensor's buffers outlive the queued launch. A plain
+        // launch: this kernel does not wait for a previous one.
+        unsafe { args.launch(&func, &dev.cuda_stream(), cfg, false) }
+            .map_err(candle_core::Error::wrap)?;
         Ok(wrap(out, dev, self.shape.clone()))
     }
 }

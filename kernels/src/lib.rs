@@ -14,6 +14,7 @@
 mod attention;
 mod decode;
 mod dequantize;
+mod launch;
 mod layout;
 mod matmul;
 mod quantize;

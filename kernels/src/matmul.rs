@@ -4,14 +4,13 @@
 //! has the numbers.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, DType, Shape, Tensor};
 use half::{bf16, f16};
 
 use crate::decode::{device_pointer, DevicePointer};
+use crate::launch::KernelArgs;
 use crate::layout::{PackedLayout, TILE_COLS, TILE_ROWS};
 use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
 use crate::KernelError;
@@ -154,7 +153,6 @@ impl CudaNf4Tensor {
             dev,
             &format!("gemv_nf4_{kind}_{}{suffix}", self.absmax.kernel_infix()),
         )?;
-        let stream = dev.cuda_stream();
         let (cfg, split) = if tiled {
             tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?
         } else {
@@ -167,24 +165,24 @@ impl CudaNf4Tensor {
         };
         let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
         let (n32, k32, layout) = (n as u32, k as u32, self.layout.kernel_arg());
-        let mut args = stream.launch_builder(&func);
-        args.arg(&self.packed);
+        let mut args = KernelArgs::new();
+        args.arg(device_pointer(&self.packed, dev));
         if !tiled {
-            args.arg(&layout);
+            args.arg(layout);
         }
-        self.absmax.push_args(&mut args);
-        args.arg(&x).arg(&y);
+        self.absmax.push_args(&mut args, dev);
+        args.arg(x).arg(y);
         if tiled {
-            args.arg(&n32).arg(&k32).arg(&rows_arg).arg(&split);
+            args.arg(n32).arg(k32).arg(rows_arg).arg(split);
         } else {
-            args.arg(&n).arg(&k).arg(&rows_arg);
+            args.arg(n).arg(k).arg(rows_arg);
         }
-        args.arg(&blocksize_log2);
-        // SAFETY: argument lists match gemv_nf4_{tiled,generic}_[nested_]<suffix> in kernels/gemv_nf4.cu; the
-        // tiled kernel needs a tiled weight (N % 16 == 0, K % 64 == 0, blocksize >= 64) and 16-byte aligned rows
-        // of x (K % 64 == 0 keeps every row as aligned as the first), both checked above.
-        unsafe { args.launch(cfg) }.w()?;
-        Ok(())
+        args.arg(blocksize_log2);
+        // SAFETY: argument lists match gemv_nf4_{tiled,generic}_[nested_]<suffix> in kernels/gemv_nf4.cu (which
+        // wait for the previous kernel before reading x); the tiled kernel needs a tiled weight (N % 16 == 0,
+        // K % 64 == 0, blocksize >= 64) and 16-byte aligned rows of x (K % 64 == 0 keeps every row as aligned
+        // as the first), both checked above.
+        unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }
     }
 
     /// `y = x · Wᵀ` and `y_other = x · W_otherᵀ` for two weights of one shape and kind (GLM's k and v), in one
@@ -224,27 +222,25 @@ impl CudaNf4Tensor {
             dev,
             &format!("gemv_nf4_tiled_{}pair_{suffix}", self.absmax.kernel_infix()),
         )?;
-        let stream = dev.cuda_stream();
         let (mut cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?;
         cfg.grid_dim.1 = 2;
         let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
         let (n32, k32) = (n as u32, k as u32);
-        let mut args = stream.launch_builder(&func);
-        args.arg(&self.packed);
-        self.absmax.push_args(&mut args);
-        args.arg(&y).arg(&other.packed);
-        other.absmax.push_args(&mut args);
-        args.arg(&y_other)
-            .arg(&x)
-            .arg(&n32)
-            .arg(&k32)
-            .arg(&rows_arg)
-            .arg(&split)
-            .arg(&blocksize_log2);
+        let mut args = KernelArgs::new();
+        args.arg(device_pointer(&self.packed, dev));
+        self.absmax.push_args(&mut args, dev);
+        args.arg(y).arg(device_pointer(&other.packed, dev));
+        other.absmax.push_args(&mut args, dev);
+        args.arg(y_other)
+            .arg(x)
+            .arg(n32)
+            .arg(k32)
+            .arg(rows_arg)
+            .arg(split)
+            .arg(blocksize_log2);
         // SAFETY: the argument list matches gemv_nf4_tiled_[nested_]pair_<suffix> in kernels/gemv_nf4.cu; both
         // weights are tiled with one shape and blocksize (checked above), x is aligned as gemv_into requires.
-        unsafe { args.launch(cfg) }.w()?;
-        Ok(())
+        unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }
     }
 }
 

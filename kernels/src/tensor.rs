@@ -1,12 +1,14 @@
 //! `CudaNf4Tensor`: NF4 weights resident on a CUDA device (packed codes and scales), uploaded from the host or
 //! quantized on the device, and downloaded back into the nf4 crate's `Nf4Tensor`.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchArgs, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
 use nf4::{AbsmaxState, Dtype, FloatDtype, Nf4Tensor, QuantType, TensorView};
 
+use crate::decode::device_pointer;
+use crate::launch::KernelArgs;
 use crate::layout::PackedLayout;
 use crate::KernelError;
 
@@ -99,10 +101,10 @@ impl DeviceAbsmax {
     }
 
     /// Pushes the scale arguments, in the order of PlainAbsmax / NestedAbsmax in common.cuh.
-    pub(crate) fn push_args<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+    pub(crate) fn push_args(&self, args: &mut KernelArgs, dev: &CudaDevice) {
         match self {
             DeviceAbsmax::Plain(absmax) => {
-                args.arg(absmax);
+                args.arg(device_pointer(absmax, dev));
             }
             DeviceAbsmax::Nested {
                 codes,
@@ -110,10 +112,10 @@ impl DeviceAbsmax {
                 nested_map,
                 offset,
             } => {
-                args.arg(codes)
-                    .arg(nested_absmax)
-                    .arg(nested_map)
-                    .arg(offset);
+                args.arg(device_pointer(codes, dev))
+                    .arg(device_pointer(nested_absmax, dev))
+                    .arg(device_pointer(nested_map, dev))
+                    .arg(*offset);
             }
         }
     }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Decode rates of the 40-layer GLM-4-9B-shaped checkpoint, NF4 and BF16, under several environment settings side
+# by side in one device call (issue 10's A/B comparisons, e.g. programmatic dependent launch on and off). Here:
+# scripts/gpu-pack.sh; then
+#   run(command="bash benches/decode-rates.sh", carry=[".gpu-pack"])
+# SETTINGS lists space-separated environment assignments, one setting per word ("-" = none); each runs glm-bench
+# (prompt of 128 tokens, NEW_TOKENS new, 1 warm-up + 3 runs, median) for every precision in QUANTS. Run records
+# go to $OUT/decode-<quant>-<setting>.json, the table to stdout and $OUT/decode-rates.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.decode-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/decode-rates.log") 2>&1
+SETTINGS=${SETTINGS:-"GLM_RUN_PDL=1 GLM_RUN_PDL=0"}
+QUANTS=${QUANTS:-"4bit none"}
+NEW_TOKENS=${NEW_TOKENS:-64}
+MODEL=${MODEL:-/tmp/glm4-9b-synthetic}
+
+work=$(mktemp -d)
+tar -C "$work" -xJf .gpu-pack/glm-gpu.tar.xz || exit 2
+cat "$work/build-info.txt"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+[ -f "$MODEL/config.json" ] || python3 benches/peers.py make-synthetic --preset glm4-9b --out "$MODEL" || exit 1
+
+for quant in $QUANTS; do
+    for setting in $SETTINGS; do
+        name=$quant-${setting//[^A-Za-z0-9]/_}
+        env_args=()
+        [ "$setting" = - ] || env_args=("$setting")
+        echo "=== $quant $setting"
+        env "${env_args[@]}" "$work/bin/glm-bench" run --model "$MODEL" --quant "$quant" --context 1024 \
+            --prompt-lengths 128 --new-tokens "$NEW_TOKENS" --warmup 1 --reps 3 \
+            --out "$OUT/decode-$name.json" || echo "decode-rates: $quant $setting failed"
+    done
+done
+python3 - "$OUT" <<'PY' | tee "$OUT/decode-rates.md"
+import glob, json, os, sys
+print("| run | decode tok/s (batch 1, graph) | fused | plain | graph batch 4 | graph batch 8 |")
+print("|---|---|---|---|---|---|")
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "decode-*.json"))):
+    run = json.load(open(path))
+    rates = {(v["mode"], v["batch"]): v["tok_s"]["median"] for v in run.get("decode_variants", [])}
+    cell = lambda key: f"{rates[key]:.1f}" if key in rates else "-"
+    name = os.path.basename(path)[len("decode-"):-len(".json")]
+    print(f"| {name} | {run['decode']['tok_s']['median']:.1f} | {cell(('fused', 1))} | {cell(('plain', 1))} "
+          f"| {cell(('graph', 4))} | {cell(('graph', 8))} |")
+PY
