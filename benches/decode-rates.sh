@@ -4,8 +4,9 @@
 # scripts/gpu-pack.sh; then
 #   run(command="bash benches/decode-rates.sh", carry=[".gpu-pack"])
 # SETTINGS lists space-separated environment assignments, one setting per word ("-" = none); each runs glm-bench
-# (prompt of 128 tokens, NEW_TOKENS new, 1 warm-up + 3 runs, median) for every precision in QUANTS. Run records
-# go to $OUT/decode-<quant>-<setting>.json, the table to stdout and $OUT/decode-rates.md.
+# (a prompt of each length in PROMPTS, NEW_TOKENS new, 1 warm-up + 3 runs, median) for every precision in
+# QUANTS. Run records go to $OUT/decode-<quant>-<prompt>-<setting>.json, the table to stdout and
+# $OUT/decode-rates.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.decode-out}
@@ -14,6 +15,7 @@ exec > >(tee "$OUT/decode-rates.log") 2>&1
 SETTINGS=${SETTINGS:-"GLM_RUN_PDL=1 GLM_RUN_PDL=0"}
 QUANTS=${QUANTS:-"4bit none"}
 NEW_TOKENS=${NEW_TOKENS:-64}
+PROMPTS=${PROMPTS:-128}
 MODEL=${MODEL:-/tmp/glm4-9b-synthetic}
 
 work=$(mktemp -d)
@@ -23,14 +25,16 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 [ -f "$MODEL/config.json" ] || python3 benches/peers.py make-synthetic --preset glm4-9b --out "$MODEL" || exit 1
 
 for quant in $QUANTS; do
-    for setting in $SETTINGS; do
-        name=$quant-${setting//[^A-Za-z0-9]/_}
-        env_args=()
-        [ "$setting" = - ] || env_args=("$setting")
-        echo "=== $quant $setting"
-        env "${env_args[@]}" "$work/bin/glm-bench" run --model "$MODEL" --quant "$quant" --context 1024 \
-            --prompt-lengths 128 --new-tokens "$NEW_TOKENS" --warmup 1 --reps 3 \
-            --out "$OUT/decode-$name.json" || echo "decode-rates: $quant $setting failed"
+    for prompt in $PROMPTS; do
+        for setting in $SETTINGS; do
+            name=$quant-$prompt-${setting//[^A-Za-z0-9]/_}
+            env_args=()
+            [ "$setting" = - ] || env_args=("$setting")
+            echo "=== $quant, prompt $prompt, $setting"
+            env "${env_args[@]}" "$work/bin/glm-bench" run --model "$MODEL" --quant "$quant" \
+                --context $((prompt + NEW_TOKENS + 64)) --prompt-lengths "$prompt" --new-tokens "$NEW_TOKENS" \
+                --warmup 1 --reps 3 --out "$OUT/decode-$name.json" || echo "decode-rates: $name failed"
+        done
     done
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/decode-rates.md"

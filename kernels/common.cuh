@@ -23,10 +23,14 @@
 __device__ __forceinline__ uint8_t nf4_high(uint8_t byte) { return byte >> 4; }
 __device__ __forceinline__ uint8_t nf4_low(uint8_t byte) { return byte & 0x0f; }
 
-// Per-block absmax stored as plain f32 (bitsandbytes with double quant off).
+// Per-block absmax stored as plain f32 (bitsandbytes with double quant off). `load` reads what a block stores
+// (from DRAM: a kernel can issue it a step ahead), `decode` turns it into the scale (cached lookups only).
 struct PlainAbsmax {
     const float *absmax;
-    __device__ __forceinline__ float operator()(size_t block) const { return __ldg(absmax + block); }
+    typedef float Stored;
+    __device__ __forceinline__ Stored load(size_t block) const { return __ldg(absmax + block); }
+    __device__ __forceinline__ float decode(Stored stored, size_t) const { return stored; }
+    __device__ __forceinline__ float operator()(size_t block) const { return load(block); }
 };
 
 // Per-block absmax double-quantized (bitsandbytes' default): u8 code into the signed dynamic map. Both products
@@ -36,11 +40,13 @@ struct NestedAbsmax {
     const float *nested_absmax;
     const float *nested_map;
     float offset;
-    __device__ __forceinline__ float operator()(size_t block) const {
-        float scaled = __fmul_rn(__ldg(nested_map + __ldg(codes + block)),
-                                 __ldg(nested_absmax + block / NF4_NESTED_BLOCKSIZE));
+    typedef uint8_t Stored;
+    __device__ __forceinline__ Stored load(size_t block) const { return __ldg(codes + block); }
+    __device__ __forceinline__ float decode(Stored code, size_t block) const {
+        float scaled = __fmul_rn(__ldg(nested_map + code), __ldg(nested_absmax + block / NF4_NESTED_BLOCKSIZE));
         return __fadd_rn(scaled, offset);
     }
+    __device__ __forceinline__ float operator()(size_t block) const { return decode(load(block), block); }
 };
 
 // Tiled order of the packed codes of a weight [N, K] (N % 16 == 0, K % 64 == 0), built on upload for the matmul

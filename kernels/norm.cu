@@ -34,35 +34,41 @@ template <typename T> __device__ void load_row(const T *row, unsigned dim, float
     }
 }
 
-// out = RmsNorm(v) · weight for the row whose elements the threads hold.
+// out = RmsNorm(v) · w for the row whose elements the threads hold, with w the thread's weights (load_row).
 template <typename T>
-__device__ void store_normalized(const float (&v)[NORM_PER_THREAD], const T *__restrict__ weight, T *out_row,
+__device__ void store_normalized(const float (&v)[NORM_PER_THREAD], const float (&w)[NORM_PER_THREAD], T *out_row,
                                  unsigned dim, float eps) {
     const float inv = inv_rms(v, dim, eps);
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; ++j) {
         const unsigned i = threadIdx.x + j * blockDim.x;
-        if (i < dim) out_row[i] = scale_row_value(v[j], inv, weight[i]);
+        if (i < dim) out_row[i] = scale_row_value(v[j], inv, from_f32<T>(w[j]));
     }
 }
 
-// out = RmsNorm(x) · weight, per row of `dim`.
+// out = RmsNorm(x) · weight, per row of `dim`. The weights are read before waiting for the previous kernel
+// (common.cuh): they do not depend on it, and the memory latency then overlaps it.
 template <typename T>
 __device__ void rms_norm(const T *__restrict__ x, const T *__restrict__ weight, T *__restrict__ out, unsigned dim,
                          float eps) {
-    float v[NORM_PER_THREAD];
+    float w[NORM_PER_THREAD], v[NORM_PER_THREAD];
+    load_row(weight, dim, w);
+    grid_dependency_wait();
     load_row(x + (size_t)blockIdx.x * dim, dim, v);
-    store_normalized(v, weight, out + (size_t)blockIdx.x * dim, dim, eps);
+    store_normalized(v, w, out + (size_t)blockIdx.x * dim, dim, eps);
 }
 
 // residual += delta (with `delta_weight` non-null: residual += RmsNorm(delta) · delta_weight), then
-// out = RmsNorm(residual) · weight.
+// out = RmsNorm(residual) · weight. Weights first, as rms_norm.
 template <typename T>
 __device__ void residual_rms_norm(T *__restrict__ residual, const T *__restrict__ delta,
                                   const T *__restrict__ delta_weight, const T *__restrict__ weight,
                                   T *__restrict__ out, unsigned dim, float eps) {
     const size_t base = (size_t)blockIdx.x * dim;
-    float d[NORM_PER_THREAD], r[NORM_PER_THREAD];
+    float w[NORM_PER_THREAD], dw[NORM_PER_THREAD], d[NORM_PER_THREAD], r[NORM_PER_THREAD];
+    load_row(weight, dim, w);
+    if (delta_weight != nullptr) load_row(delta_weight, dim, dw);
+    grid_dependency_wait();
     load_row(delta + base, dim, d);
     load_row(residual + base, dim, r);
     const float delta_inv = delta_weight != nullptr ? inv_rms(d, dim, eps) : 0.0f;
@@ -70,24 +76,22 @@ __device__ void residual_rms_norm(T *__restrict__ residual, const T *__restrict_
     for (int j = 0; j < NORM_PER_THREAD; ++j) {
         const unsigned i = threadIdx.x + j * blockDim.x;
         if (i >= dim) continue;
-        const float add = delta_weight != nullptr ? to_f32(scale_row_value(d[j], delta_inv, delta_weight[i])) : d[j];
+        const float add = delta_weight != nullptr ? to_f32(scale_row_value(d[j], delta_inv, from_f32<T>(dw[j]))) : d[j];
         const T sum = from_f32<T>(r[j] + add);
         residual[base + i] = sum;
         r[j] = to_f32(sum);
     }
-    store_normalized(r, weight, out + base, dim, eps);
+    store_normalized(r, w, out + base, dim, eps);
 }
 
 #define NORM_KERNELS(SUFFIX, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
         rms_norm_##SUFFIX(const T *x, const T *weight, T *out, unsigned dim, float eps) {                     \
-        grid_dependency_wait();                                                                               \
         rms_norm<T>(x, weight, out, dim, eps);                                                                \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
         residual_rms_norm_##SUFFIX(T *residual, const T *delta, const T *delta_weight, const T *weight, T *out, \
                                    unsigned dim, float eps) {                                                 \
-        grid_dependency_wait();                                                                               \
         residual_rms_norm<T>(residual, delta, delta_weight, weight, out, dim, eps);                           \
     }
 

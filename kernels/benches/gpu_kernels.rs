@@ -4,8 +4,9 @@
 //! - Device copy bandwidth (read + write) measured in the same run: the yardstick for GB/s.
 //! - Decode: NF4 fused GEMV (f16 and bf16 x) at 1 and 8 rows against candle's f16 matmul (cuBLAS) of the same
 //!   shape; GB/s counts the NF4 bytes the GEMV must read (codes + absmax codes + nested scales).
-//! - Prefill at 16..2048 rows: the NF4 matmul (W expanded to f16, then cuBLAS) against the f16 cuBLAS GEMM, with
-//!   the expansion's own time.
+//! - Prefill at 16..2048 rows: the NF4 matmul (the path its rule picks) against the f16 cuBLAS GEMM, with both
+//!   paths' own times: W expanded to f16 then cuBLAS (and the expansion alone), and the fused NF4 GEMM
+//!   (kernels/gemm_nf4.cu) with each of its block shapes.
 //! - GPU quantize time of each weight.
 //!
 //! Timing: a 1 GiB copy is queued first so that the host runs ahead of the GPU, then CUDA events around
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
-use glm_kernels::CudaNf4Tensor;
+use glm_kernels::{CudaNf4Tensor, FUSED_GEMM_BLOCK_TOKENS};
 use nf4::QuantOptions;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -174,21 +175,36 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("\n### Prefill: NF4 (dequantize to f16 + cuBLAS) vs cuBLAS f16 GEMM\n");
+    println!("\n### Prefill: NF4 fused GEMM and dequantize + cuBLAS vs cuBLAS f16 GEMM\n");
+    let fused_columns: String = FUSED_GEMM_BLOCK_TOKENS
+        .iter()
+        .map(|b| format!(" fused {b}-token blocks µs |"))
+        .collect();
     println!(
-        "| weight | rows | dequantize µs | NF4 matmul µs | cuBLAS f16 µs | NF4 throughput of f16 |"
+        "| weight | rows | dequantize µs | dequantize + cuBLAS µs |{fused_columns} matmul µs | cuBLAS f16 µs | \
+         matmul throughput of f16 |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|{}---|---|---|",
+        "---|".repeat(FUSED_GEMM_BLOCK_TOKENS.len())
+    );
     for (name, n, k, nf4, f16_weight) in &prefill_weights {
         let f16_weight = f16_weight.as_ref().expect("one f16 copy at least");
         let dequantize = timer.seconds(|_| Ok(nf4.dequantize(DType::F16)?))?;
         for &rows in PREFILL_ROWS {
             let x = Tensor::randn(0f32, 1.0, (rows, *k), &device)?.to_dtype(DType::F16)?;
+            let expanded = timer.seconds(|_| Ok(x.matmul(&nf4.dequantize(DType::F16)?.t()?)?))?;
+            let mut fused = String::new();
+            for &block_tokens in FUSED_GEMM_BLOCK_TOKENS {
+                let t = timer.seconds(|_| Ok(nf4.fused_gemm(&x, block_tokens)?))?;
+                fused += &format!(" {:.1} |", t * 1e6);
+            }
             let ours = timer.seconds(|_| Ok(nf4.matmul(&x)?))?;
             let theirs = timer.seconds(|_| Ok(x.matmul(&f16_weight.t()?)?))?;
             println!(
-                "| {name} ({n} x {k}) | {rows} | {:.1} | {:.1} | {:.1} | {:.0}% |",
+                "| {name} ({n} x {k}) | {rows} | {:.1} | {:.1} |{fused} {:.1} | {:.1} | {:.0}% |",
                 dequantize * 1e6,
+                expanded * 1e6,
                 ours * 1e6,
                 theirs * 1e6,
                 100.0 * theirs / ours

@@ -48,8 +48,23 @@ const ARGMAX_BLOCKS: usize = 64;
 pub const fn argmax_scratch_bytes(rows: usize) -> usize {
     rows * (8 + ARGMAX_BLOCKS * 8)
 }
-/// kernels/attention.cu: ATTN_WARPS.
-const ATTENTION_WARPS: u32 = 8;
+/// kernels/attention.cu's split decode attention: spans of the cache per kv head (the grid's y), at most
+/// ATTENTION_MAX_WARPS warps (query heads) per block, head_dim up to 256 (ATTN_SPANS, ATTN_MAX_WARPS).
+const ATTENTION_SPANS: usize = 64;
+const ATTENTION_MAX_WARPS: usize = 16;
+const ATTENTION_MAX_HEAD_DIM: usize = 256;
+
+/// Bytes of the zero-initialized scratch [`DecodeKernels::attention_at`] needs for `heads_total` query heads of
+/// `head_dim`: a counter per kv head (left at zero by every call), then each span's running max and sum and its
+/// unnormalized output per query head.
+pub const fn attention_scratch_bytes(heads_total: usize, head_dim: usize) -> usize {
+    attention_counter_bytes(heads_total) + heads_total * ATTENTION_SPANS * (2 + head_dim) * 4
+}
+
+/// The counters at the start of the attention scratch, padded to 16 bytes.
+const fn attention_counter_bytes(heads_total: usize) -> usize {
+    (heads_total * 4).div_ceil(16) * 16
+}
 
 /// The rotary/KV-write launch's shapes and operands (see kernels/rotary.cu).
 #[derive(Debug, Clone, Copy)]
@@ -237,11 +252,13 @@ impl DecodeKernels {
     }
 
     /// softmax(q·Kᵀ·scale)·V over the first `*pos + 1` cached tokens; shapes as [`crate::decode_attention`]
-    /// with `heads_total = batch * heads`.
+    /// with `heads_total = batch * heads`. Spans of the cache run in parallel and are merged at the end
+    /// (kernels/attention.cu), through `scratch`.
     ///
     /// # Safety
     /// `q`, `out` hold `heads_total * head_dim` elements, the caches `batch * kv_heads * capacity * head_dim`;
-    /// `*pos < capacity`.
+    /// `*pos < capacity`; `scratch` holds [`attention_scratch_bytes`]`(heads_total, head_dim)` bytes, zeroed
+    /// before the first call (every call leaves it so) and used by one launch at a time.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention_at(
         &self,
@@ -255,7 +272,23 @@ impl DecodeKernels {
         pos: DevicePointer,
         head_dim: usize,
         scale: f32,
+        scratch: DevicePointer,
     ) -> Result<(), KernelError> {
+        if rep == 0
+            || !heads_total.is_multiple_of(rep)
+            || head_dim == 0
+            || head_dim > ATTENTION_MAX_HEAD_DIM
+        {
+            return Err(KernelError::Attention(format!(
+                "{heads_total} query heads in groups of {rep} with head_dim {head_dim}: the decode step takes \
+                 whole groups and head_dim 1 to {ATTENTION_MAX_HEAD_DIM}"
+            )));
+        }
+        let groups = heads_total / rep;
+        let warps = rep.min(ATTENTION_MAX_WARPS) as u32;
+        let counters = scratch;
+        let partial_ml = scratch + attention_counter_bytes(heads_total) as u64;
+        let partial_acc = partial_ml + (heads_total * ATTENTION_SPANS * 8) as u64;
         let (rep, capacity, head_dim) = (rep as u32, capacity as u32, head_dim as u32);
         let mut args = KernelArgs::new();
         args.arg(q)
@@ -266,10 +299,13 @@ impl DecodeKernels {
             .arg(capacity)
             .arg(pos)
             .arg(head_dim)
-            .arg(scale);
+            .arg(scale)
+            .arg(counters)
+            .arg(partial_ml)
+            .arg(partial_acc);
         let cfg = LaunchConfig {
-            grid_dim: (heads_total as u32, 1, 1),
-            block_dim: (32 * ATTENTION_WARPS, 1, 1),
+            grid_dim: (groups as u32, ATTENTION_SPANS as u32, 1),
+            block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: 0,
         };
         unsafe { self.launch(&self.attention, &mut args, cfg, true) }?;

@@ -14,6 +14,7 @@
 mod attention;
 mod decode;
 mod dequantize;
+mod gemm;
 mod launch;
 mod layout;
 mod matmul;
@@ -30,9 +31,10 @@ use candle_core::cuda_backend::WrapErr;
 
 pub use attention::decode_attention;
 pub use decode::{
-    argmax_scratch_bytes, device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite,
-    DENSE_MAX_ROWS, NORM_MAX_DIM,
+    argmax_scratch_bytes, attention_scratch_bytes, device_pointer, DecodeKernels, DevicePointer,
+    RotaryKvWrite, DENSE_MAX_ROWS, NORM_MAX_DIM,
 };
+pub use gemm::FUSED_GEMM_BLOCK_TOKENS;
 pub use matmul::GEMV_MAX_ROWS;
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
@@ -56,6 +58,7 @@ pub(crate) const ARGMAX: Module = module!("argmax");
 pub(crate) const ATTENTION: Module = module!("attention");
 pub(crate) const DEQUANTIZE: Module = module!("dequantize");
 pub(crate) const EMBEDDING: Module = module!("embedding");
+pub(crate) const GEMM_NF4: Module = module!("gemm_nf4");
 pub(crate) const GEMV_DENSE: Module = module!("gemv_dense");
 pub(crate) const GEMV_NF4: Module = module!("gemv_nf4");
 pub(crate) const NORM: Module = module!("norm");

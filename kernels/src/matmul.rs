@@ -37,6 +37,10 @@ impl CudaNf4Tensor {
         }
         let x = x.contiguous()?;
         if rows > GEMV_MAX_ROWS {
+            // The fused GEMM (kernels/gemm_nf4.cu) where it applies and is faster (crate::gemm's rule).
+            if let Some(y) = self.try_fused_gemm(&x, rows)? {
+                return Ok(y.reshape(out_dims)?);
+            }
             // Measured against expanding and multiplying 16 MiB slices through L2: expanding all of W once and
             // one cuBLAS GEMM is faster at every size (benches/results/kernels.md).
             let w = self.dequantize(x.dtype())?;
@@ -51,7 +55,7 @@ impl CudaNf4Tensor {
     }
 
     /// `[N, K]` after checking that `x` can multiply this weight.
-    fn matmul_dims(&self, x: &Tensor) -> Result<(usize, usize), KernelError> {
+    pub(crate) fn matmul_dims(&self, x: &Tensor) -> Result<(usize, usize), KernelError> {
         let bad = |problem: String| KernelError::BadInput {
             name: self.name.clone(),
             problem,

@@ -3,7 +3,7 @@
 //! dtype. They take raw device pointers; the tensors here own the memory.
 
 use candle_core::{DType, Device, Tensor, D};
-use glm_kernels::{argmax_scratch_bytes, decode_attention, DecodeKernels, RotaryKvWrite};
+use glm_kernels::{argmax_scratch_bytes, attention_scratch_bytes, DecodeKernels, RotaryKvWrite};
 
 use crate::common::{cuda_device_or_skip, ptr, relative_error, to_f64};
 
@@ -402,6 +402,20 @@ fn gemv_dense_matches_the_reference() {
     }
 }
 
+/// softmax(q·Kᵀ·scale)·V in f64 over the first `len` tokens: q `[b, kv, rep, d]`, caches `[b, kv, cap, d]`.
+fn attention_reference(q: &Tensor, kc: &Tensor, vc: &Tensor, len: usize, scale: f64) -> Tensor {
+    let (q, kc, vc) = (f64_of(q), f64_of(kc), f64_of(vc));
+    let k = kc.narrow(2, 0, len).unwrap();
+    let v = vc.narrow(2, 0, len).unwrap();
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    let max = scores.max_keepdim(D::Minus1).unwrap();
+    let weights = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+    let weights = weights
+        .broadcast_div(&weights.sum_keepdim(D::Minus1).unwrap())
+        .unwrap();
+    weights.matmul(&v).unwrap()
+}
+
 #[test]
 fn attention_at_reads_the_position_from_the_device() {
     let Some(gpu) = cuda_device_or_skip("attention_at_reads_the_position_from_the_device") else {
@@ -410,37 +424,58 @@ fn attention_at_reads_the_position_from_the_device() {
     let Device::Cuda(dev) = &gpu else {
         unreachable!()
     };
-    let (b, kv, rep, d, capacity, len) = (2, 2, 8, 128, 64, 37);
-    for (dtype, _) in DTYPES {
-        let k = DecodeKernels::new(dev, dtype).unwrap();
-        let g = |shape: &[usize]| randn(shape, dtype).to_device(&gpu).unwrap();
-        let (q, kc, vc) = (
-            g(&[b, kv, rep, d]),
-            g(&[b, kv, capacity, d]),
-            g(&[b, kv, capacity, d]),
-        );
-        let want = decode_attention(&q, &kc, &vc, len, 0.125).unwrap();
-        let out = Tensor::zeros((b, kv, rep, d), dtype, &gpu).unwrap();
-        let pos = Tensor::new(&[len as u32 - 1], &gpu).unwrap();
-        unsafe {
-            k.attention_at(
-                ptr(&q),
-                ptr(&kc),
-                ptr(&vc),
-                ptr(&out),
-                b * kv * rep,
-                rep,
-                capacity,
-                ptr(&pos),
-                d,
-                0.125,
-            )
+    // GLM-4-9B's grouping (16 query heads a kv head), more heads a group than warps a block, multi-query, and
+    // head_dim below a warp: lengths from one token to more spans than the kernel has (each span then longer).
+    for (b, kv, rep, d, capacity) in [
+        (2, 2, 16, 128, 1100),
+        (1, 1, 20, 64, 300),
+        (3, 4, 1, 24, 40),
+    ] {
+        for (dtype, tolerance) in DTYPES {
+            let k = DecodeKernels::new(dev, dtype).unwrap();
+            let g = |shape: &[usize]| randn(shape, dtype).to_device(&gpu).unwrap();
+            let (q, kc, vc) = (
+                g(&[b, kv, rep, d]),
+                g(&[b, kv, capacity, d]),
+                g(&[b, kv, capacity, d]),
+            );
+            let scratch =
+                Tensor::zeros(attention_scratch_bytes(b * kv * rep, d), DType::U8, &gpu).unwrap();
+            for len in [1, 5, 16, 17, 37, capacity / 2 + 3, capacity] {
+                let out = Tensor::zeros((b, kv, rep, d), dtype, &gpu).unwrap();
+                let pos = Tensor::new(&[len as u32 - 1], &gpu).unwrap();
+                unsafe {
+                    k.attention_at(
+                        ptr(&q),
+                        ptr(&kc),
+                        ptr(&vc),
+                        ptr(&out),
+                        b * kv * rep,
+                        rep,
+                        capacity,
+                        ptr(&pos),
+                        d,
+                        0.125,
+                        ptr(&scratch),
+                    )
+                }
+                .unwrap();
+                let want = attention_reference(&q, &kc, &vc, len, 0.125);
+                let error = relative_error(&to_f64(&out), &to_f64(&want));
+                assert!(
+                    error < tolerance,
+                    "{dtype:?} b{b} kv{kv} rep{rep} d{d} len {len}: relative error {error}"
+                );
+            }
+            // Every call leaves the counters at zero for the next.
+            let counters = scratch.narrow(0, 0, b * kv * 4).unwrap();
+            assert!(
+                to_f64(&counters).iter().all(|&c| c == 0.0),
+                "{dtype:?}: counters reset"
+            );
         }
-        .unwrap();
-        assert_eq!(
-            to_f64(&out),
-            to_f64(&want),
-            "{dtype:?}: the same kernel body"
-        );
     }
+    let k = DecodeKernels::new(dev, DType::F32).unwrap();
+    let bad = unsafe { k.attention_at(0, 0, 0, 0, 10, 3, 8, 0, 64, 1.0, 0) }.unwrap_err();
+    assert!(bad.to_string().contains("groups of 3"), "{bad}");
 }

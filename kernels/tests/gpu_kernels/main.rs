@@ -8,5 +8,6 @@ mod attention;
 mod cublas;
 mod decode;
 mod dequantize;
+mod gemm;
 mod matmul;
 mod quantize;

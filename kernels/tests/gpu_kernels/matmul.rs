@@ -4,70 +4,12 @@
 //! blocksizes 32 to 256, double quant on and off, outliers, zeros.
 
 use candle_core::{DType, Device, Tensor};
-use glm_kernels::{CudaNf4Tensor, HostNf4, KernelError};
+use glm_kernels::{CudaNf4Tensor, HostNf4};
 use nf4::{Nf4Tensor, QuantOptions};
 
-use crate::common::{cuda_device_or_skip, ptr, relative_error, to_f64, weights, NAME};
-
-/// A weight quantized on the CPU and uploaded, with its f32 dequantized values for the reference.
-struct Weight {
-    gpu: CudaNf4Tensor,
-    dequantized: Vec<f32>,
-    rows: usize,
-    cols: usize,
-}
-
-fn weight(gpu: &Device, rows: usize, cols: usize, blocksize: usize, double_quant: bool) -> Weight {
-    let opts = QuantOptions {
-        blocksize,
-        double_quant,
-        ..QuantOptions::default()
-    };
-    let quantized = Nf4Tensor::quantize_f32(&weights(rows * cols), &[rows, cols], &opts).unwrap();
-    Weight {
-        gpu: CudaNf4Tensor::upload(&HostNf4::from_nf4(NAME, &quantized).unwrap(), gpu).unwrap(),
-        dequantized: quantized.dequantize_f32(),
-        rows,
-        cols,
-    }
-}
-
-/// Relative error of `w.gpu.matmul(x)` for an x of `dims` (last = cols) in `dtype`, after checking the output's
-/// shape, dtype and device.
-fn matmul_error(gpu: &Device, w: &Weight, dims: &[usize], dtype: DType) -> f64 {
-    let x = Tensor::randn(0f32, 1.0, dims, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
-    let got = w.gpu.matmul(&x.to_device(gpu).unwrap()).unwrap();
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().unwrap() = w.rows;
-    assert_eq!((got.dims(), got.dtype()), (&out_dims[..], dtype));
-    assert!(got.device().is_cuda());
-    let x = to_f64(&x);
-    let want: Vec<f64> = x
-        .chunks(w.cols)
-        .flat_map(|row| {
-            w.dequantized.chunks(w.cols).map(move |wrow| {
-                row.iter()
-                    .zip(wrow)
-                    .map(|(a, &b)| a * f64::from(b))
-                    .sum::<f64>()
-            })
-        })
-        .collect();
-    relative_error(&to_f64(&got), &want)
-}
-
-/// f16 keeps 11 significant bits (the tensor-core path rounds the codebook to the input type too), bf16 8;
-/// f32 goes through the CUDA-core kernel in f32.
-fn tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => 2e-3,
-        DType::BF16 => 1.5e-2,
-        _ => 1e-5,
-    }
-}
+use crate::common::{
+    assert_refused, cuda_device_or_skip, matmul_error, ptr, to_f64, tolerance, weight, Weight, NAME,
+};
 
 fn check_all_rows(gpu: &Device, w: &Weight, case: &str) {
     for dtype in [DType::F16, DType::BF16, DType::F32] {
@@ -190,19 +132,7 @@ fn matmul_rejects_bad_inputs() {
         (integer, "U32"),
         (on_cpu, "move the input first"),
     ] {
-        match w.gpu.matmul(&x) {
-            Err(err @ (KernelError::BadInput { .. } | KernelError::UnsupportedDtype { .. })) => {
-                let msg = err.to_string();
-                assert!(
-                    msg.contains(want) && msg.contains(NAME),
-                    "unexpected message: {msg}"
-                );
-            }
-            other => panic!(
-                "expected a refusal containing {want:?}, got {:?}",
-                other.map(|t| t.dims().to_vec())
-            ),
-        }
+        assert_refused(w.gpu.matmul(&x), want);
     }
 }
 

@@ -67,6 +67,7 @@ struct Buffers {
     activation: CudaSlice<u8>,
     logits: CudaSlice<u8>,
     argmax_scratch: CudaSlice<u8>,
+    attention_scratch: CudaSlice<u8>,
     tokens: CudaSlice<u32>,
     position: CudaSlice<u32>,
     inv_freq: CudaSlice<f32>,
@@ -437,6 +438,7 @@ impl<'m> CudaDecoder<'m> {
                     position,
                     c.head_dim,
                     (c.head_dim as f32).powf(-0.5),
+                    p(&b.attention_scratch),
                 )
                 .map_err(kernel_error)?;
                 self.project(&layer.o, p(&b.attention), p(&b.projected))?;
@@ -617,6 +619,10 @@ impl Buffers {
             activation: alloc(c.intermediate_size)?,
             logits: alloc(c.vocab_size)?,
             argmax_scratch: dev.alloc_zeros::<u8>(glm_kernels::argmax_scratch_bytes(batch))?,
+            attention_scratch: dev.alloc_zeros::<u8>(glm_kernels::attention_scratch_bytes(
+                batch * c.num_attention_heads,
+                c.head_dim,
+            ))?,
             tokens: dev.alloc_zeros::<u32>(batch)?,
             position: dev.alloc_zeros::<u32>(1)?,
             inv_freq: dev.clone_htod(&inv_freq)?,
