@@ -85,6 +85,64 @@ __device__ __forceinline__ size_t nf4_packed_offset(size_t i, unsigned tiled_row
     return nf4_tiled_chunk(i / 8, tiled_row_chunks) * 8 + i % 8;
 }
 
+// f16/bf16 operands of mma.m16n8k16 (f32 accumulators), for the NF4 matrix kernels (gemv_nf4.cu, gemm_nf4.cu).
+template <typename T> struct Mma;
+
+#define NF4_DEFINE_MMA(T, T2, PTX_TYPE, TO_BITS, FROM_F32)                                                     \
+    template <> struct Mma<T> {                                                                              \
+        /* The operand bits of x, rounded to nearest. */                                                     \
+        static __device__ __forceinline__ uint32_t bits(float x) { return TO_BITS(FROM_F32(x)); }             \
+        /* Both halves of `pair` times the matching halves of `scale`, rounded to nearest. */                 \
+        static __device__ __forceinline__ uint32_t scale(uint32_t pair, uint32_t scale) {                     \
+            const T2 product = __hmul2(*reinterpret_cast<const T2 *>(&pair), *reinterpret_cast<const T2 *>(&scale)); \
+            return *reinterpret_cast<const uint32_t *>(&product);                                           \
+        }                                                                                                    \
+        /* c += a · b. */                                                                                    \
+        static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { \
+            asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                                \
+                ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                               \
+                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                              \
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                              \
+        }                                                                                                    \
+    };
+NF4_DEFINE_MMA(__half, __half2, "f16", __half_as_ushort, __float2half_rn)
+NF4_DEFINE_MMA(__nv_bfloat16, __nv_bfloat162, "bf16", __bfloat16_as_ushort, __float2bfloat16_rn)
+#undef NF4_DEFINE_MMA
+
+// The NF4 matrix kernels turn packed bytes into mma operands through a shared-memory table: entry b holds the
+// codebook values of byte b's two codes as T (the high nibble, the earlier element, in the low half), replicated
+// 32 times so that each lane reads its own copy and lookups never conflict on a bank.
+#define NF4_CODE_TABLE_WORDS (256 * 32)
+
+// Fills `table` (NF4_CODE_TABLE_WORDS words of shared memory); the caller orders it before use (__syncthreads).
+template <typename T> __device__ __forceinline__ void build_code_table(uint32_t *table) {
+    __shared__ uint32_t values[16];
+    if (threadIdx.x < 16) {
+        const float codebook[16] = NF4_CODEBOOK_INIT;
+        values[threadIdx.x] = Mma<T>::bits(codebook[threadIdx.x]);
+    }
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+        const unsigned byte = i / 8;
+        const uint32_t entry = values[nf4_high(byte)] | (values[nf4_low(byte)] << 16);
+        reinterpret_cast<uint4 *>(table)[i] = make_uint4(entry, entry, entry, entry);
+    }
+}
+
+// The table entry of byte BYTE (0..3) of w, from this lane's copy (`lane_table`: the shared-memory address of
+// table + lane). Two instructions: a byte permute isolates the byte, a multiply-add addresses it (written in PTX:
+// the compiler's own indexing takes four).
+template <int BYTE> __device__ __forceinline__ uint32_t table_lookup(uint32_t lane_table, uint32_t w) {
+    uint32_t entry;
+    asm("{\n\t.reg .b32 byte;\n\t"
+        "prmt.b32 byte, %1, 0, %3;\n\t"
+        "mad.lo.u32 byte, byte, 128, %2;\n\t"
+        "ld.shared.b32 %0, [byte];\n\t}"
+        : "=r"(entry)
+        : "r"(w), "r"(lane_table), "n"(0x4440 + BYTE));
+    return entry;
+}
+
 // Round-to-nearest-even conversions from the f32 result, as `half::f16::from_f32` / `bf16::from_f32` do.
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }

@@ -25,43 +25,6 @@
 // Tiles (64 columns of K) in flight in shared memory.
 #define GEMM_STAGES 4
 static_assert(GEMM_STAGES >= 3, "a tile is decoded one iteration before its mma");
-// The code table: 256 entries x 32 copies (one per lane).
-#define GEMM_TABLE_WORDS (256 * 32)
-
-template <typename T> struct GemmOperand;
-
-template <> struct GemmOperand<__half> {
-    static __device__ __forceinline__ uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
-    // Both halves of `pair` times `scale` (both halves the same value), rounded to nearest.
-    static __device__ __forceinline__ uint32_t scale(uint32_t pair, uint32_t scale) {
-        const __half2 product = __hmul2(*reinterpret_cast<const __half2 *>(&pair), *reinterpret_cast<const __half2 *>(&scale));
-        return *reinterpret_cast<const uint32_t *>(&product);
-    }
-    // c += a · b (m16n8k16, f32 accumulators).
-    static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-template <> struct GemmOperand<__nv_bfloat16> {
-    static __device__ __forceinline__ uint32_t bits(float v) {
-        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    }
-    static __device__ __forceinline__ uint32_t scale(uint32_t pair, uint32_t scale) {
-        const __nv_bfloat162 product = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&pair),
-                                               *reinterpret_cast<const __nv_bfloat162 *>(&scale));
-        return *reinterpret_cast<const uint32_t *>(&product);
-    }
-    static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
 
 __device__ __forceinline__ void gemm_cp_async16(void *shared, const void *global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(shared)),
@@ -75,15 +38,9 @@ template <int PENDING> __device__ __forceinline__ void gemm_cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 }
 
-// The pair of codebook values of byte `byte` (0..3, a constant after unrolling) of `word`, from this lane's copy of
-// the table.
-__device__ __forceinline__ uint32_t gemm_decode(const uint32_t *lane_table, uint32_t word, unsigned byte) {
-    return lane_table[__byte_perm(word, 0, 0x4440 + byte) * 32];
-}
-
 // Dynamic shared memory a launch of this configuration needs (the host computes the same in kernels/src/gemm.rs).
 template <int STRIPS, int GROUPS> constexpr unsigned gemm_shared_bytes() {
-    return 4 * GEMM_TABLE_WORDS + GEMM_STAGES * (GEMM_WARPS * STRIPS * NF4_TILE_BYTES + GROUPS * 8 * 2 * NF4_TILE_COLS);
+    return 4 * NF4_CODE_TABLE_WORDS + GEMM_STAGES * (GEMM_WARPS * STRIPS * NF4_TILE_BYTES + GROUPS * 8 * 2 * NF4_TILE_COLS);
 }
 
 // Block (blockIdx.x, blockIdx.y): tokens 8 * GROUPS * blockIdx.x.., strips GEMM_WARPS * STRIPS * blockIdx.y..
@@ -96,9 +53,8 @@ __device__ void gemm_nf4(const uint4 *__restrict__ packed, Absmax absmax, const 
     constexpr int X_CHUNKS = BLOCK_TOKENS * 8, W_CHUNKS = BLOCK_STRIPS * 32;
     extern __shared__ __align__(16) uint32_t shared[];
     uint32_t *table = shared;
-    uint4 *w_stages = reinterpret_cast<uint4 *>(shared + GEMM_TABLE_WORDS);
+    uint4 *w_stages = reinterpret_cast<uint4 *>(shared + NF4_CODE_TABLE_WORDS);
     uint4 *x_stages = w_stages + GEMM_STAGES * W_CHUNKS;
-    __shared__ uint32_t values[16];
 
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const unsigned tiles = cols / NF4_TILE_COLS, strips = rows / NF4_TILE_ROWS;
@@ -125,20 +81,10 @@ __device__ void gemm_nf4(const uint4 *__restrict__ packed, Absmax absmax, const 
         load_tile(s, s);
     }
 
-    if (threadIdx.x < 16) {
-        const float codebook[16] = NF4_CODEBOOK_INIT;
-        values[threadIdx.x] = GemmOperand<T>::bits(codebook[threadIdx.x]);
-    }
-    __syncthreads();
-    // Entry of byte b: value of its high nibble (the earlier element) in the low half, 32 copies, 4 per store.
-    for (unsigned i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-        const unsigned byte = i / 8;
-        const uint32_t entry = values[nf4_high(byte)] | (values[nf4_low(byte)] << 16);
-        reinterpret_cast<uint4 *>(table)[i] = make_uint4(entry, entry, entry, entry);
-    }
+    build_code_table<T>(table);
     // (The first barrier of the main loop orders the table before its use.)
 
-    const uint32_t *lane_table = table + lane;
+    const uint32_t lane_table = (uint32_t)__cvta_generic_to_shared(table + lane);
     const unsigned r = lane / 4, j = lane % 4;
     // Scales: lane λ decodes row λ % (16 STRIPS) of the warp's rows: what a block stores is loaded two tiles ahead
     // (from DRAM), decoded one tile ahead (cached lookups), so neither wait stalls the tile in progress.
@@ -156,16 +102,18 @@ __device__ void gemm_nf4(const uint4 *__restrict__ packed, Absmax absmax, const 
         for (int s = 0; s < STRIPS; ++s) {
             const uint4 q = w_tile[s * 32];
             const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-            const uint32_t bits0 = GemmOperand<T>::bits(__shfl_sync(0xffffffff, scale, 16 * s + r));
-            const uint32_t bits8 = GemmOperand<T>::bits(__shfl_sync(0xffffffff, scale, 16 * s + r + 8));
+            const uint32_t bits0 = Mma<T>::bits(__shfl_sync(0xffffffff, scale, 16 * s + r));
+            const uint32_t bits8 = Mma<T>::bits(__shfl_sync(0xffffffff, scale, 16 * s + r + 8));
             const uint32_t scale0 = bits0 | (bits0 << 16), scale8 = bits8 | (bits8 << 16);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                const unsigned lo = 2 * (k % 2), hi = lo + 1;
-                a[s][k][0] = GemmOperand<T>::scale(gemm_decode(lane_table, words[k / 2], lo), scale0);
-                a[s][k][1] = GemmOperand<T>::scale(gemm_decode(lane_table, words[2 + k / 2], lo), scale8);
-                a[s][k][2] = GemmOperand<T>::scale(gemm_decode(lane_table, words[k / 2], hi), scale0);
-                a[s][k][3] = GemmOperand<T>::scale(gemm_decode(lane_table, words[2 + k / 2], hi), scale8);
+                // Bytes 2 (k % 2) and 2 (k % 2) + 1 (constants once unrolled).
+                const uint32_t w0 = words[k / 2], w8 = words[2 + k / 2];
+                const bool odd = k % 2;
+                a[s][k][0] = Mma<T>::scale(odd ? table_lookup<2>(lane_table, w0) : table_lookup<0>(lane_table, w0), scale0);
+                a[s][k][1] = Mma<T>::scale(odd ? table_lookup<2>(lane_table, w8) : table_lookup<0>(lane_table, w8), scale8);
+                a[s][k][2] = Mma<T>::scale(odd ? table_lookup<3>(lane_table, w0) : table_lookup<1>(lane_table, w0), scale0);
+                a[s][k][3] = Mma<T>::scale(odd ? table_lookup<3>(lane_table, w8) : table_lookup<1>(lane_table, w8), scale8);
             }
         }
     };
@@ -220,7 +168,7 @@ __device__ void gemm_nf4(const uint4 *__restrict__ packed, Absmax absmax, const 
                 for (int s = 0; s < STRIPS; ++s) {
 #pragma unroll
                     for (int g = 0; g < GROUPS; ++g) {
-                        GemmOperand<T>::mma(acc[s][g], a[s][k], k % 2 ? b[g].z : b[g].x, k % 2 ? b[g].w : b[g].y);
+                        Mma<T>::run(acc[s][g], a[s][k], k % 2 ? b[g].z : b[g].x, k % 2 ? b[g].w : b[g].y);
                     }
                 }
             }

@@ -20,42 +20,6 @@
 // Rows of x a launch handles (the n dimension of mma.m16n8k16).
 #define GEMV_MAX_BATCH 8
 
-template <typename T> struct Mma;
-
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ uint32_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ uint32_t bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-// The table entry of byte BYTE (0..3) of w: the pair of codebook values of its two codes, from this lane's copy
-// (`lane_table` is its shared-memory address). Two instructions: a byte permute isolates the byte, a
-// multiply-add addresses it (written in PTX: the compiler's own indexing takes four).
-template <int BYTE> __device__ __forceinline__ uint32_t table_lookup(uint32_t lane_table, uint32_t w) {
-    uint32_t entry;
-    asm("{\n\t.reg .b32 byte;\n\t"
-        "prmt.b32 byte, %1, 0, %3;\n\t"
-        "mad.lo.u32 byte, byte, 128, %2;\n\t"
-        "ld.shared.b32 %0, [byte];\n\t}"
-        : "=r"(entry)
-        : "r"(w), "r"(lane_table), "n"(0x4440 + BYTE));
-    return entry;
-}
-
 // One mma k-step s (0..3) of a tile: bytes 2s and 2s + 1 of the lane's 8 bytes of row r (words w0 = words[s / 2])
 // and of row r + 8 (w8 = words[2 + s / 2]); x words 2s and 2s + 1.
 template <typename T, int S>
@@ -91,9 +55,8 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
                                unsigned blocksize_log2) {
     static_assert(GEMV_TILES_IN_FLIGHT % 2 == 0, "a warp decodes scales for pairs of tiles");
     constexpr int U = GEMV_TILES_IN_FLIGHT;
-    __shared__ __align__(16) uint32_t table[256 * 32];
+    __shared__ __align__(16) uint32_t table[NF4_CODE_TABLE_WORDS];
     __shared__ float partial[GEMV_WARPS][32][4];
-    __shared__ uint32_t values[16];
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const unsigned tiles = cols / NF4_TILE_COLS, strips = rows / NF4_TILE_ROWS;
     const unsigned strips_per_block = GEMV_WARPS / split, block_strip = warp / split;
@@ -106,17 +69,7 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
         prefetch_l2(packed + ((size_t)first_strip * tiles + first_tile) * 32,
                     min(end_tile - first_tile, GEMV_PREFETCH_TILES) * NF4_TILE_BYTES);
     }
-    if (threadIdx.x < 16) {
-        const float codebook[16] = NF4_CODEBOOK_INIT;
-        values[threadIdx.x] = Mma<T>::bits(codebook[threadIdx.x]);
-    }
-    __syncthreads();
-    // Entry of byte b: value of its high nibble (the earlier element) in the low half, 32 copies, 4 per store.
-    for (unsigned i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-        const unsigned byte = i / 8;
-        const uint32_t entry = values[nf4_high(byte)] | (values[nf4_low(byte)] << 16);
-        reinterpret_cast<uint4 *>(table)[i] = make_uint4(entry, entry, entry, entry);
-    }
+    build_code_table<T>(table);
     __syncthreads();
     grid_dependency_wait();
 

@@ -3,14 +3,15 @@
 //! [`fused_gemm_config`] says it beats dequantize + cuBLAS (benches/results/kernels.md has the measurements).
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{DType, Shape, Tensor};
 use half::{bf16, f16};
 
 use crate::decode::device_pointer;
+use crate::launch::KernelArgs;
 use crate::layout::{PackedLayout, TILE_ROWS};
-use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor, DeviceAbsmax};
+use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
 use crate::KernelError;
 
 /// Warps per block (GEMM_WARPS in gemm_nf4.cu), all along W's rows.
@@ -184,7 +185,7 @@ impl CudaNf4Tensor {
         )
         .w()?;
         // SAFETY: the kernel writes all rows * n outputs.
-        let mut y = unsafe { dev.alloc::<T>(rows * n)? };
+        let y = unsafe { dev.alloc::<T>(rows * n)? };
         let cfg = LaunchConfig {
             grid_dim: (
                 rows.div_ceil(config.block_tokens()) as u32,
@@ -196,35 +197,20 @@ impl CudaNf4Tensor {
         };
         let (tokens, n32, k32) = (rows as u32, n as u32, k as u32);
         let blocksize_log2 = self.blocksize.trailing_zeros();
-        let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
-        args.arg(&self.packed);
-        match &self.absmax {
-            DeviceAbsmax::Plain(absmax) => {
-                args.arg(absmax);
-            }
-            DeviceAbsmax::Nested {
-                codes,
-                nested_absmax,
-                nested_map,
-                offset,
-            } => {
-                args.arg(codes)
-                    .arg(nested_absmax)
-                    .arg(nested_map)
-                    .arg(offset);
-            }
-        }
-        args.arg(&x_view)
-            .arg(&mut y)
-            .arg(&tokens)
-            .arg(&n32)
-            .arg(&k32)
-            .arg(&blocksize_log2);
+        let mut args = KernelArgs::new();
+        args.arg(device_pointer(&self.packed, dev));
+        self.absmax.push_args(&mut args, dev);
+        args.arg(device_pointer(&x_view, dev))
+            .arg(device_pointer(&y, dev))
+            .arg(tokens)
+            .arg(n32)
+            .arg(k32)
+            .arg(blocksize_log2);
         // SAFETY: the argument list matches gemm_nf4_[nested_]<suffix>_<strips>x<groups> in kernels/gemm_nf4.cu;
         // the weight is tiled (N % 16 == 0, K % 64 == 0, blocksize >= 64, checked on upload), x holds rows * k
         // contiguous elements (checked by matmul_dims) and is 16-byte aligned (checked above), y holds rows * n.
-        unsafe { args.launch(cfg) }.w()?;
+        // A plain launch: this kernel does not wait for a previous one (kernels/src/launch.rs).
+        unsafe { args.launch(&func, &dev.cuda_stream(), cfg, false) }?;
         Ok(Some(wrap(y, dev, Shape::from_dims(&[rows, n]))))
     }
 }

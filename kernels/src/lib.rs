@@ -1,8 +1,8 @@
 //! glm-run's CUDA kernels for NF4 weights resident on the GPU.
 //!
 //! [`CudaNf4Tensor`] holds a weight's packed 4-bit codes and (double-quantized) scales on a CUDA device and
-//! offers the operations a decoder needs: [`CudaNf4Tensor::matmul`] (fused GEMV for up to 8 rows, a prefill path
-//! beyond), [`CudaNf4Tensor::dequantize`], [`CudaNf4Tensor::quantize`] (on the device, byte-identical to the nf4
+//! offers the operations a decoder needs: [`CudaNf4Tensor::matmul`] (fused GEMV for up to 8 rows, a fused GEMM or
+//! dequantize + cuBLAS beyond), [`CudaNf4Tensor::dequantize`], [`CudaNf4Tensor::quantize`] (on the device, byte-identical to the nf4
 //! crate) and [`CudaNf4Tensor::to_host`].
 //!
 //! Each `kernels/*.cu` is compiled by build.rs into a fatbin (SASS for sm_90, so nothing is JIT-compiled on a

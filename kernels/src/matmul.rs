@@ -1,7 +1,8 @@
 //! `CudaNf4Tensor::matmul`: `x · Wᵀ` with W in NF4. Up to [`GEMV_MAX_ROWS`] rows of x go through the fused GEMV
-//! kernels of kernels/gemv_nf4.cu; more rows (prefill) expand W with kernels/dequantize.cu and multiply with
-//! cuBLAS (candle's matmul). benches/gpu_kernels.rs measures both against cuBLAS f16; benches/results/kernels.md
-//! has the numbers.
+//! kernels of kernels/gemv_nf4.cu; more rows (prefill) take the fused NF4 GEMM of kernels/gemm_nf4.cu where it is
+//! faster (short prompts: crate::gemm's rule), else expand W with kernels/dequantize.cu and multiply with cuBLAS
+//! (candle's matmul). benches/gpu_kernels.rs measures all three against cuBLAS f16; benches/results/kernels.md has
+//! the numbers.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
@@ -26,7 +27,8 @@ impl CudaNf4Tensor {
     ///
     /// Up to 8 rows of x (decode) take the fused GEMV: codes are expanded in registers and multiplied on tensor
     /// cores (f16/bf16 x on a tiled weight, see [`CudaNf4Tensor`]), or by a plain CUDA-core kernel (f32 x, other
-    /// shapes). More rows (prefill) dequantize W to x's dtype and multiply with cuBLAS.
+    /// shapes). More rows (prefill) take the fused tensor-core GEMM where it is faster (up to 32-256 rows,
+    /// depending on the weight's size), else dequantize W to x's dtype and multiply with cuBLAS.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor, KernelError> {
         let (n, k) = self.matmul_dims(x)?;
         let mut out_dims = x.dims().to_vec();
