@@ -186,16 +186,137 @@ __device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
 #endif
 }
 
-// Sum of one float per thread over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v) {
+// T(T(x · inv) · w): RmsNorm's two roundings (norm.cu, and the GEMVs that normalize their input).
+template <typename T> __device__ __forceinline__ T scale_row_value(float x, float inv, T w) {
+    return from_f32<T>(to_f32(from_f32<T>(x * inv)) * to_f32(w));
+}
+
+// 16 bytes of a row of T.
+template <typename T> union Chunk {
+    uint4 raw;
+    T values[16 / sizeof(T)];
+};
+
+// The input rows of a GEMV that normalizes them itself (the decode step's RMSNorms fused into the projection after
+// them): x = RmsNorm(residual + added) · weight, where added is delta, RmsNorm(delta) · delta_weight (GLM-4-0414's
+// norm of the sublayer output) or nothing (delta null). Every block computes all rows of x into its shared memory,
+// which saves a launch and a single-block kernel's latency between two GEMVs (benches/results/decode-overhead.md);
+// block 0 also writes the sum to residual_out (another buffer than residual, which the other blocks still read)
+// and, unless null, x to normed_out. Rounding as norm.cu's residual_rms_norm.
+template <typename T> struct NormedInput {
+    const T *residual;
+    const T *delta;
+    const T *delta_weight;
+    const T *weight;
+    T *residual_out;
+    T *normed_out;
+    float eps;
+};
+
+// A kernel's NormedInput<T> parameters, in order, and the struct made of them.
+#define NORMED_INPUT_PARAMS(T)                                                                               \
+    const T *residual, const T *delta, const T *delta_weight, const T *norm_weight, T *residual_out,         \
+        T *normed_out, float eps
+#define NORMED_INPUT_ARGS(T)                                                                                 \
+    NormedInput<T> { residual, delta, delta_weight, norm_weight, residual_out, normed_out, eps }
+
+// 16-byte chunks of a row a thread loads before using any.
+#define NORMED_CHUNKS_IN_FLIGHT 2
+
+// Sum of one float per thread over warps [first_warp, first_warp + warps) of the block, added in a fixed order, so
+// that every block computes the same x. All threads of the block call it.
+__device__ __forceinline__ float group_sum(float v, unsigned first_warp, unsigned warps) {
     __shared__ float partial[32];
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     __syncthreads(); // `partial` may still be read from a previous call
-    if (lane == 0) partial[warp] = v;
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
     __syncthreads();
     float total = 0.0f;
-    for (unsigned w = 0; w < warps; ++w) total += partial[w];
+    for (unsigned w = first_warp; w < first_warp + warps; ++w) total += partial[w];
     return total;
 }
+
+// Chunks c = base + i * stride (i < NORMED_CHUNKS_IN_FLIGHT, c < count) of `src` into `dst`, all loads first.
+template <typename T>
+__device__ __forceinline__ void load_chunks(Chunk<T> (&dst)[NORMED_CHUNKS_IN_FLIGHT], const T *src, unsigned base,
+                                            unsigned stride, unsigned count) {
+#pragma unroll
+    for (int i = 0; i < NORMED_CHUNKS_IN_FLIGHT; ++i) {
+        const unsigned c = base + i * stride;
+        dst[i].raw = c < count ? reinterpret_cast<const uint4 *>(src)[c] : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Writes x [batch, dim] (dim a multiple of 16 / sizeof(T)) to `xs` in shared memory; a group of
+// blockDim.x / 32 / batch warps handles each row. Call after grid_dependency_wait; ends with a barrier.
+template <typename T>
+__device__ void normalize_input_rows(const NormedInput<T> &in, T *xs, unsigned dim, unsigned batch) {
+    constexpr unsigned VEC = 16 / sizeof(T), N = NORMED_CHUNKS_IN_FLIGHT;
+    const unsigned warps = blockDim.x / 32 / batch, warp = threadIdx.x / 32;
+    const unsigned b = min(warp / warps, batch - 1), first_warp = b * warps;
+    // Warps past the last group take part in the barriers with nothing to do.
+    const unsigned count = warp < batch * warps ? dim / VEC : 0;
+    const unsigned first = threadIdx.x - first_warp * 32, stride = warps * 32;
+    const size_t row = (size_t)b * dim;
+    uint4 *x = reinterpret_cast<uint4 *>(xs + row);
+    const bool writer = blockIdx.x == 0;
+
+    float delta_inv = 0.0f;
+    if (in.delta_weight != nullptr) {
+        float sq = 0.0f;
+        for (unsigned base = first; base < count; base += N * stride) {
+            Chunk<T> d[N];
+            load_chunks(d, in.delta + row, base, stride, count);
+#pragma unroll
+            for (unsigned i = 0; i < N; ++i)
+#pragma unroll
+                for (unsigned e = 0; e < VEC; ++e) sq += to_f32(d[i].values[e]) * to_f32(d[i].values[e]);
+        }
+        delta_inv = 1.0f / sqrtf(group_sum(sq, first_warp, warps) / (float)dim + in.eps);
+    }
+    float sq = 0.0f;
+    for (unsigned base = first; base < count; base += N * stride) {
+        Chunk<T> r[N], d[N], dw[N];
+        load_chunks(r, in.residual + row, base, stride, count);
+        if (in.delta != nullptr) load_chunks(d, in.delta + row, base, stride, count);
+        if (in.delta_weight != nullptr) load_chunks(dw, in.delta_weight, base, stride, count);
+#pragma unroll
+        for (unsigned i = 0; i < N; ++i) {
+            const unsigned c = base + i * stride;
+            if (c >= count) break;
+#pragma unroll
+            for (unsigned e = 0; e < VEC; ++e) {
+                const float added = in.delta == nullptr ? 0.0f
+                                    : in.delta_weight != nullptr
+                                        ? to_f32(scale_row_value(to_f32(d[i].values[e]), delta_inv, dw[i].values[e]))
+                                        : to_f32(d[i].values[e]);
+                r[i].values[e] = from_f32<T>(to_f32(r[i].values[e]) + added);
+                sq += to_f32(r[i].values[e]) * to_f32(r[i].values[e]);
+            }
+            x[c] = r[i].raw;
+            if (writer && in.residual_out != nullptr) reinterpret_cast<uint4 *>(in.residual_out + row)[c] = r[i].raw;
+        }
+    }
+    const float inv = 1.0f / sqrtf(group_sum(sq, first_warp, warps) / (float)dim + in.eps);
+    // Each thread reads back only the chunks it wrote.
+    for (unsigned base = first; base < count; base += N * stride) {
+        Chunk<T> w[N];
+        load_chunks(w, in.weight, base, stride, count);
+#pragma unroll
+        for (unsigned i = 0; i < N; ++i) {
+            const unsigned c = base + i * stride;
+            if (c >= count) break;
+            Chunk<T> s;
+            s.raw = x[c];
+#pragma unroll
+            for (unsigned e = 0; e < VEC; ++e) s.values[e] = scale_row_value(to_f32(s.values[e]), inv, w[i].values[e]);
+            x[c] = s.raw;
+            if (writer && in.normed_out != nullptr) reinterpret_cast<uint4 *>(in.normed_out + row)[c] = s.raw;
+        }
+    }
+    __syncthreads();
+}
+
+// Sum of one float per thread over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_sum(float v) { return group_sum(v, 0, blockDim.x / 32); }

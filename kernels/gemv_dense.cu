@@ -14,66 +14,79 @@
 // hidden size in 16-bit, and for all resident warps together well under the L2.
 #define DENSE_PREFETCH_BYTES 8192
 
-template <typename T> union Chunk {
-    uint4 raw;
-    T values[16 / sizeof(T)];
-};
-
-template <typename T>
-__device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *__restrict__ y, unsigned n,
-                           unsigned k, unsigned batch, unsigned vectorized) {
+// Warps loop over rows (a grid smaller than N / DENSE_WARPS blocks is allowed). NORMED: x is computed from `norm`
+// into dynamic shared memory (batch * k elements, k a multiple of the vector width) after the wait; else it is read
+// from `x` through L1.
+template <typename T, bool NORMED>
+__device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, const NormedInput<T> &norm,
+                           T *__restrict__ y, unsigned n, unsigned k, unsigned batch, unsigned vectorized) {
     constexpr unsigned VEC = 16 / sizeof(T);
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const unsigned row = blockIdx.x * DENSE_WARPS + warp;
-    if (row >= n) return;
-    const T *w_row = w + (size_t)row * k;
-    if (vectorized && lane == 0) prefetch_l2(w_row, min(k * (unsigned)sizeof(T), DENSE_PREFETCH_BYTES));
+    const unsigned first_row = blockIdx.x * DENSE_WARPS + warp;
+    if (vectorized && lane == 0 && first_row < n) {
+        prefetch_l2(w + (size_t)first_row * k, min(k * (unsigned)sizeof(T), DENSE_PREFETCH_BYTES));
+    }
+    if (NORMED && threadIdx.x == 0) {
+        prefetch_l2(norm.weight, k * sizeof(T));
+        if (norm.delta_weight != nullptr) prefetch_l2(norm.delta_weight, k * sizeof(T));
+    }
     grid_dependency_wait();
-    float acc[DENSE_MAX_BATCH];
-#pragma unroll
-    for (int b = 0; b < DENSE_MAX_BATCH; ++b) acc[b] = 0.0f;
+    extern __shared__ __align__(16) uint8_t gemv_normed_x[];
+    T *const xs = reinterpret_cast<T *>(gemv_normed_x);
+    if (NORMED) normalize_input_rows(norm, xs, k, batch);
+    const T *const x_rows = NORMED ? xs : x;
 
-    if (vectorized) {
-        const unsigned chunks = k / VEC;
-        const uint4 *w_chunks = reinterpret_cast<const uint4 *>(w_row);
-        for (unsigned base = lane; base < chunks; base += 32 * DENSE_CHUNKS_IN_FLIGHT) {
-            Chunk<T> wc[DENSE_CHUNKS_IN_FLIGHT];
+    for (unsigned row = first_row; row < n; row += gridDim.x * DENSE_WARPS) {
+        const T *w_row = w + (size_t)row * k;
+        float acc[DENSE_MAX_BATCH];
 #pragma unroll
-            for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
-                const unsigned c = base + 32 * i;
-                wc[i].raw = c < chunks ? load_streaming(w_chunks + c) : make_uint4(0, 0, 0, 0);
+        for (int b = 0; b < DENSE_MAX_BATCH; ++b) acc[b] = 0.0f;
+
+        if (vectorized) {
+            const unsigned chunks = k / VEC;
+            const uint4 *w_chunks = reinterpret_cast<const uint4 *>(w_row);
+            for (unsigned base = lane; base < chunks; base += 32 * DENSE_CHUNKS_IN_FLIGHT) {
+                Chunk<T> wc[DENSE_CHUNKS_IN_FLIGHT];
+#pragma unroll
+                for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
+                    const unsigned c = base + 32 * i;
+                    wc[i].raw = c < chunks ? load_streaming(w_chunks + c) : make_uint4(0, 0, 0, 0);
+                }
+#pragma unroll
+                for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
+                    const unsigned c = base + 32 * i;
+                    if (c >= chunks) break;
+#pragma unroll
+                    for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
+                        if (b >= batch) break;
+                        const uint4 *x_chunk = reinterpret_cast<const uint4 *>(x_rows + (size_t)b * k) + c;
+                        Chunk<T> xc;
+                        xc.raw = NORMED ? *x_chunk : __ldg(x_chunk);
+#pragma unroll
+                        for (unsigned e = 0; e < VEC; ++e) {
+                            acc[b] = fmaf(to_f32(wc[i].values[e]), to_f32(xc.values[e]), acc[b]);
+                        }
+                    }
+                }
             }
-#pragma unroll
-            for (int i = 0; i < DENSE_CHUNKS_IN_FLIGHT; ++i) {
-                const unsigned c = base + 32 * i;
-                if (c >= chunks) break;
+        } else {
+            for (unsigned col = lane; col < k; col += 32) {
+                const float wv = to_f32(w_row[col]);
 #pragma unroll
                 for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
                     if (b >= batch) break;
-                    Chunk<T> xc;
-                    xc.raw = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k) + c);
-#pragma unroll
-                    for (unsigned e = 0; e < VEC; ++e) acc[b] = fmaf(to_f32(wc[i].values[e]), to_f32(xc.values[e]), acc[b]);
+                    acc[b] = fmaf(wv, to_f32(x_rows[(size_t)b * k + col]), acc[b]);
                 }
             }
         }
-    } else {
-        for (unsigned col = lane; col < k; col += 32) {
-            const float wv = to_f32(w_row[col]);
 #pragma unroll
-            for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
-                if (b >= batch) break;
-                acc[b] = fmaf(wv, to_f32(x[(size_t)b * k + col]), acc[b]);
-            }
+        for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
+            if (b >= batch) break;
+            float v = acc[b];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+            if (lane == 0) y[(size_t)b * n + row] = from_f32<T>(v);
         }
-    }
-#pragma unroll
-    for (int b = 0; b < DENSE_MAX_BATCH; ++b) {
-        if (b >= batch) break;
-        float v = acc[b];
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-        if (lane == 0) y[(size_t)b * n + row] = from_f32<T>(v);
     }
 }
 
@@ -82,7 +95,12 @@ __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, T *
         gemv_dense_##SUFFIX(const T *w0, T *y0, const T *w1, T *y1, const T *x, unsigned n, unsigned k,        \
                             unsigned batch, unsigned vectorized) {                                            \
         const bool second = blockIdx.y == 1;                                                                 \
-        gemv_dense<T>(second ? w1 : w0, x, second ? y1 : y0, n, k, batch, vectorized);                       \
+        gemv_dense<T, false>(second ? w1 : w0, x, NormedInput<T>{}, second ? y1 : y0, n, k, batch, vectorized); \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * DENSE_WARPS)                                           \
+        gemv_dense_normed_##SUFFIX(const T *w, NORMED_INPUT_PARAMS(T), T *y, unsigned n, unsigned k,           \
+                                   unsigned batch) {                                                          \
+        gemv_dense<T, true>(w, nullptr, NORMED_INPUT_ARGS(T), y, n, k, batch, 1);                             \
     }
 
 GEMV_DENSE_KERNEL(f32, float)

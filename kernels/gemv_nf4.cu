@@ -11,6 +11,9 @@
 // one absmax block, so its four mma results are scaled once in f32: the absmax (double-quantized or not) is
 // decoded once per tile row, not per element.
 //
+// gemv_nf4_tiled_[nested_]normed_* compute x themselves: RmsNorm(residual + delta) · weight (common.cuh's
+// NormedInput), into dynamic shared memory, so the decode step needs no norm kernel between two projections.
+//
 // gemv_nf4_generic_* covers everything else (any shape and blocksize, either order, f32 x): one warp per output
 // row, element by element. Correct, not fast.
 #include "common.cuh"
@@ -48,11 +51,12 @@ __device__ __forceinline__ void tile_step(float (&c)[4], uint32_t lane_table, co
 // GEMV_TILES_IN_FLIGHT at a time (all loads first); a block works on GEMV_WARPS / split strips at once and loops
 // over strips, so the table is built once per block. With split 1 a warp owns whole strips and writes their outputs
 // itself; otherwise the warps of a strip add up their partial sums in shared memory. The host picks the smallest
-// split that still gives the device enough warps.
-template <typename T, typename Absmax>
+// split that still gives the device enough warps. NORMED: x is computed from `norm` into dynamic shared memory
+// (batch * cols elements) after the wait; else it is read from `x` through L1.
+template <typename T, typename Absmax, bool NORMED>
 __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, const T *__restrict__ x,
-                               T *__restrict__ y, unsigned rows, unsigned cols, unsigned batch, unsigned split,
-                               unsigned blocksize_log2) {
+                               const NormedInput<T> &norm, T *__restrict__ y, unsigned rows, unsigned cols,
+                               unsigned batch, unsigned split, unsigned blocksize_log2) {
     static_assert(GEMV_TILES_IN_FLIGHT % 2 == 0, "a warp decodes scales for pairs of tiles");
     constexpr int U = GEMV_TILES_IN_FLIGHT;
     __shared__ __align__(16) uint32_t table[NF4_CODE_TABLE_WORDS];
@@ -69,15 +73,23 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
         prefetch_l2(packed + ((size_t)first_strip * tiles + first_tile) * 32,
                     min(end_tile - first_tile, GEMV_PREFETCH_TILES) * NF4_TILE_BYTES);
     }
+    if (NORMED && threadIdx.x == 0) {
+        prefetch_l2(norm.weight, cols * sizeof(T));
+        if (norm.delta_weight != nullptr) prefetch_l2(norm.delta_weight, cols * sizeof(T));
+    }
     build_code_table<T>(table);
     __syncthreads();
     grid_dependency_wait();
+    extern __shared__ __align__(16) uint8_t gemv_normed_x[];
+    T *const xs = reinterpret_cast<T *>(gemv_normed_x);
+    if (NORMED) normalize_input_rows(norm, xs, cols, batch);
+    const T *const x_rows = NORMED ? xs : x;
 
     const uint32_t lane_table = (uint32_t)__cvta_generic_to_shared(table + lane);
     // Lane 4r + j: A rows r and r + 8, B column (row of x) r, columns 16j..16j+15 of each tile. Lanes past the
     // batch load row 0 again: B column r only feeds output column r, which is not stored.
     const unsigned r = lane / 4, j = lane % 4;
-    const uint4 *x_start = reinterpret_cast<const uint4 *>(x + (size_t)min(r, batch - 1) * cols + 16 * j) +
+    const uint4 *x_start = reinterpret_cast<const uint4 *>(x_rows + (size_t)min(r, batch - 1) * cols + 16 * j) +
                            first_tile * 8;
     // Scales: lane λ decodes row λ % 16 of tiles λ / 16, λ / 16 + 2, ... of each group.
     const unsigned scale_row = lane % 16, scale_tile = lane / 16;
@@ -93,7 +105,7 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
             for (unsigned group = first_tile; group < end_tile; group += U) {
                 // Past the end of the warp's run the last tile is loaded again (no branch) and not used.
                 const unsigned last = end_tile - 1 - group;
-                uint4 codes[U], xs[U][2];
+                uint4 codes[U], xv[U][2];
                 float scales[GEMV_SCALES_PER_LANE];
 #pragma unroll
                 for (int i = 0; i < GEMV_SCALES_PER_LANE; ++i) {
@@ -104,8 +116,8 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
                 for (int u = 0; u < U; ++u) {
                     const unsigned offset = min((unsigned)u, last);
                     codes[u] = load_streaming(codes_lane + offset * 32);
-                    xs[u][0] = __ldg(x_lane + offset * 8);
-                    xs[u][1] = __ldg(x_lane + offset * 8 + 1);
+                    xv[u][0] = NORMED ? x_lane[offset * 8] : __ldg(x_lane + offset * 8);
+                    xv[u][1] = NORMED ? x_lane[offset * 8 + 1] : __ldg(x_lane + offset * 8 + 1);
                 }
                 codes_lane += 32 * U;
                 x_lane += 8 * U;
@@ -116,8 +128,8 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
                     const float scale8 = __shfl_sync(0xffffffff, scales[u / 2], r + 8 + 16 * (u % 2));
                     if (u <= last) {
                         const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
-                        const uint32_t xw[8] = {xs[u][0].x, xs[u][0].y, xs[u][0].z, xs[u][0].w,
-                                                xs[u][1].x, xs[u][1].y, xs[u][1].z, xs[u][1].w};
+                        const uint32_t xw[8] = {xv[u][0].x, xv[u][0].y, xv[u][0].z, xv[u][0].w,
+                                                xv[u][1].x, xv[u][1].y, xv[u][1].z, xv[u][1].w};
                         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                         tile_step<T, 0>(c, lane_table, words, xw);
                         tile_step<T, 1>(c, lane_table, words, xw);
@@ -209,15 +221,36 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
         gemv_nf4_tiled_##SUFFIX(const uint4 *packed, const float *absmax, const T *x, T *y, unsigned rows,    \
                                 unsigned cols, unsigned batch, unsigned split, unsigned blocksize_log2) {    \
-        gemv_nf4_tiled<T>(packed, PlainAbsmax{absmax}, x, y, rows, cols, batch, split, blocksize_log2);      \
+        gemv_nf4_tiled<T, PlainAbsmax, false>(packed, PlainAbsmax{absmax}, x, NormedInput<T>{}, y, rows, cols, \
+                                              batch, split, blocksize_log2);                                 \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
         gemv_nf4_tiled_nested_##SUFFIX(const uint4 *packed, const uint8_t *absmax_codes,                     \
                                        const float *nested_absmax, const float *nested_map, float offset,    \
                                        const T *x, T *y, unsigned rows, unsigned cols, unsigned batch,       \
                                        unsigned split, unsigned blocksize_log2) {                            \
-        gemv_nf4_tiled<T>(packed, NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, x, y, rows, \
-                          cols, batch, split, blocksize_log2);                                               \
+        gemv_nf4_tiled<T, NestedAbsmax, false>(packed,                                                       \
+                                               NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, \
+                                               x, NormedInput<T>{}, y, rows, cols, batch, split,             \
+                                               blocksize_log2);                                              \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
+        gemv_nf4_tiled_normed_##SUFFIX(const uint4 *packed, const float *absmax, NORMED_INPUT_PARAMS(T), T *y, \
+                                       unsigned rows, unsigned cols, unsigned batch, unsigned split,          \
+                                       unsigned blocksize_log2) {                                            \
+        gemv_nf4_tiled<T, PlainAbsmax, true>(packed, PlainAbsmax{absmax}, nullptr, NORMED_INPUT_ARGS(T), y, rows, \
+                                             cols, batch, split, blocksize_log2);                            \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
+        gemv_nf4_tiled_nested_normed_##SUFFIX(const uint4 *packed, const uint8_t *absmax_codes,              \
+                                              const float *nested_absmax, const float *nested_map,           \
+                                              float offset, NORMED_INPUT_PARAMS(T), T *y, unsigned rows,      \
+                                              unsigned cols, unsigned batch, unsigned split,                 \
+                                              unsigned blocksize_log2) {                                     \
+        gemv_nf4_tiled<T, NestedAbsmax, true>(packed,                                                        \
+                                              NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, \
+                                              nullptr, NORMED_INPUT_ARGS(T), y, rows, cols, batch, split,       \
+                                              blocksize_log2);                                               \
     }
 
 // Two weights of one shape in one launch (GLM's k and v projections of the same input): blockIdx.y picks the
@@ -228,8 +261,9 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
                                      const float *absmax1, T *y1, const T *x, unsigned rows, unsigned cols,   \
                                      unsigned batch, unsigned split, unsigned blocksize_log2) {               \
         const bool second = blockIdx.y == 1;                                                                 \
-        gemv_nf4_tiled<T>(second ? packed1 : packed0, PlainAbsmax{second ? absmax1 : absmax0}, x,            \
-                          second ? y1 : y0, rows, cols, batch, split, blocksize_log2);                       \
+        gemv_nf4_tiled<T, PlainAbsmax, false>(second ? packed1 : packed0,                                    \
+                                              PlainAbsmax{second ? absmax1 : absmax0}, x, NormedInput<T>{},   \
+                                              second ? y1 : y0, rows, cols, batch, split, blocksize_log2);   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
         gemv_nf4_tiled_nested_pair_##SUFFIX(                                                                 \
@@ -240,8 +274,8 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
         const bool second = blockIdx.y == 1;                                                                 \
         const NestedAbsmax absmax = second ? NestedAbsmax{codes1, nested_absmax1, nested_map1, offset1}       \
                                            : NestedAbsmax{codes0, nested_absmax0, nested_map0, offset0};      \
-        gemv_nf4_tiled<T>(second ? packed1 : packed0, absmax, x, second ? y1 : y0, rows, cols, batch, split,   \
-                          blocksize_log2);                                                                   \
+        gemv_nf4_tiled<T, NestedAbsmax, false>(second ? packed1 : packed0, absmax, x, NormedInput<T>{},      \
+                                               second ? y1 : y0, rows, cols, batch, split, blocksize_log2);  \
     }
 
 #define GEMV_NF4_GENERIC_KERNELS(SUFFIX, T)                                                                      \

@@ -1,4 +1,5 @@
-// RMSNorm of decode rows, fused with the residual add before it (and GLM-4-0414's norm of the sublayer output).
+// RMSNorm of decode rows, fused with the residual add before it (and GLM-4-0414's norm of the sublayer output), as
+// its own kernel.
 // CPU reference: crates/glm's RmsNorm and residual adds (candle ops); GPU test: kernels/tests/gpu_kernels/decode.rs.
 //
 // One block of NORM_THREADS per row, each thread keeping its (at most NORM_PER_THREAD) elements in registers, so
@@ -18,11 +19,6 @@ __device__ float inv_rms(const float (&v)[NORM_PER_THREAD], unsigned dim, float 
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; ++j) sq += v[j] * v[j];
     return 1.0f / sqrtf(block_sum(sq) / (float)dim + eps);
-}
-
-// T(T(x · inv) · w): RmsNorm's two roundings.
-template <typename T> __device__ __forceinline__ T scale_row_value(float x, float inv, T w) {
-    return from_f32<T>(to_f32(from_f32<T>(x * inv)) * to_f32(w));
 }
 
 // This thread's elements of a row (zeros past its end, which add nothing to the sum of squares).
@@ -46,53 +42,37 @@ __device__ void store_normalized(const float (&v)[NORM_PER_THREAD], const float 
     }
 }
 
-// out = RmsNorm(x) · weight, per row of `dim`. The weights are read before waiting for the previous kernel
-// (common.cuh): they do not depend on it, and the memory latency then overlaps it.
-template <typename T>
-__device__ void rms_norm(const T *__restrict__ x, const T *__restrict__ weight, T *__restrict__ out, unsigned dim,
-                         float eps) {
-    float w[NORM_PER_THREAD], v[NORM_PER_THREAD];
-    load_row(weight, dim, w);
-    grid_dependency_wait();
-    load_row(x + (size_t)blockIdx.x * dim, dim, v);
-    store_normalized(v, w, out + (size_t)blockIdx.x * dim, dim, eps);
-}
-
-// residual += delta (with `delta_weight` non-null: residual += RmsNorm(delta) · delta_weight), then
-// out = RmsNorm(residual) · weight. Weights first, as rms_norm.
-template <typename T>
-__device__ void residual_rms_norm(T *__restrict__ residual, const T *__restrict__ delta,
-                                  const T *__restrict__ delta_weight, const T *__restrict__ weight,
-                                  T *__restrict__ out, unsigned dim, float eps) {
+// The rows of x that common.cuh's NormedInput describes, one block a row: in.residual_out = in.residual + added (unless
+// null; it may be in.residual: each thread reads its elements before writing them), in.normed_out = x. The decode
+// step launches it where a projection cannot normalize its own input (f32, the generic NF4 kernel). The weights
+// are read before waiting for the previous kernel (common.cuh): they do not depend on it, and their latency then
+// overlaps it.
+template <typename T> __device__ void residual_rms_norm(const NormedInput<T> &in, unsigned dim) {
     const size_t base = (size_t)blockIdx.x * dim;
-    float w[NORM_PER_THREAD], dw[NORM_PER_THREAD], d[NORM_PER_THREAD], r[NORM_PER_THREAD];
-    load_row(weight, dim, w);
-    if (delta_weight != nullptr) load_row(delta_weight, dim, dw);
+    float w[NORM_PER_THREAD], dw[NORM_PER_THREAD], d[NORM_PER_THREAD] = {}, r[NORM_PER_THREAD];
+    load_row(in.weight, dim, w);
+    if (in.delta_weight != nullptr) load_row(in.delta_weight, dim, dw);
     grid_dependency_wait();
-    load_row(delta + base, dim, d);
-    load_row(residual + base, dim, r);
-    const float delta_inv = delta_weight != nullptr ? inv_rms(d, dim, eps) : 0.0f;
+    if (in.delta != nullptr) load_row(in.delta + base, dim, d);
+    load_row(in.residual + base, dim, r);
+    const float delta_inv = in.delta_weight != nullptr ? inv_rms(d, dim, in.eps) : 0.0f;
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; ++j) {
         const unsigned i = threadIdx.x + j * blockDim.x;
         if (i >= dim) continue;
-        const float add = delta_weight != nullptr ? to_f32(scale_row_value(d[j], delta_inv, from_f32<T>(dw[j]))) : d[j];
-        const T sum = from_f32<T>(r[j] + add);
-        residual[base + i] = sum;
+        const float added =
+            in.delta_weight != nullptr ? to_f32(scale_row_value(d[j], delta_inv, from_f32<T>(dw[j]))) : d[j];
+        const T sum = from_f32<T>(r[j] + added);
+        if (in.residual_out != nullptr) in.residual_out[base + i] = sum;
         r[j] = to_f32(sum);
     }
-    store_normalized(r, w, out + base, dim, eps);
+    store_normalized(r, w, in.normed_out + base, dim, in.eps);
 }
 
 #define NORM_KERNELS(SUFFIX, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
-        rms_norm_##SUFFIX(const T *x, const T *weight, T *out, unsigned dim, float eps) {                     \
-        rms_norm<T>(x, weight, out, dim, eps);                                                                \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                               \
-        residual_rms_norm_##SUFFIX(T *residual, const T *delta, const T *delta_weight, const T *weight, T *out, \
-                                   unsigned dim, float eps) {                                                 \
-        residual_rms_norm<T>(residual, delta, delta_weight, weight, out, dim, eps);                           \
+        residual_rms_norm_##SUFFIX(NORMED_INPUT_PARAMS(T), unsigned dim) {                                    \
+        residual_rms_norm<T>(NORMED_INPUT_ARGS(T), dim);                                                      \
     }
 
 NORM_KERNELS(f32, float)

@@ -1,16 +1,16 @@
-//! Decode attention over a preallocated KV cache in one kernel (kernels/attention.cu).
+//! Decode attention over a preallocated KV cache in one kernel (kernels/attention.cu), for the op-by-op decoder:
+//! the same split kernel as the fused decode step.
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{DType, Device, Tensor};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, DType, Device, Tensor};
 use half::{bf16, f16};
 
+use crate::decode::{
+    attention_scratch_bytes, device_pointer, launch_attention, AttentionAt, DevicePointer,
+};
 use crate::tensor::{cuda_view, dtype_suffix, wrap};
 use crate::KernelError;
-
-/// kernels/attention.cu: ATTN_WARPS warps per block, head_dim ≤ 32 × ATTN_MAX_DIMS_PER_LANE.
-const WARPS: u32 = 8;
-const MAX_HEAD_DIM: usize = 256;
 
 /// softmax(q·Kᵀ·scale)·V for one query token per sequence.
 ///
@@ -41,11 +41,6 @@ pub fn decode_attention(
             "{len} cached tokens for a cache of {capacity}"
         )));
     }
-    if head_dim > MAX_HEAD_DIM {
-        return Err(bad(format!(
-            "head_dim {head_dim} is above the kernel's {MAX_HEAD_DIM}"
-        )));
-    }
     let dtype = q.dtype();
     if dtype_suffix(dtype).is_none() || k_cache.dtype() != dtype || v_cache.dtype() != dtype {
         return Err(bad(format!(
@@ -67,69 +62,60 @@ pub fn decode_attention(
         ));
     }
     let heads = b * kv_heads * rep;
-    let launch = Launch {
-        dev,
-        heads,
-        rep: rep as u32,
-        capacity: capacity as u32,
-        len: len as u32,
-        head_dim: head_dim as u32,
-        scale,
-    };
     let out = match dtype {
-        DType::F32 => launch.run::<f32>(q, k_cache, v_cache)?,
-        DType::F16 => launch.run::<f16>(q, k_cache, v_cache)?,
-        _ => launch.run::<bf16>(q, k_cache, v_cache)?,
+        DType::F32 => run::<f32>(dev, q, k_cache, v_cache, heads, rep, len, scale)?,
+        DType::F16 => run::<f16>(dev, q, k_cache, v_cache, heads, rep, len, scale)?,
+        _ => run::<bf16>(dev, q, k_cache, v_cache, heads, rep, len, scale)?,
     };
     Ok(out.reshape((b, kv_heads, rep, head_dim))?)
 }
 
-struct Launch<'a> {
-    dev: &'a candle_core::CudaDevice,
+/// The decode step's split kernel on candle tensors: the length goes to the device as the position it reads,
+/// with a zeroed scratch of its own (this path allocates per call anyway).
+#[allow(clippy::too_many_arguments)]
+fn run<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
     heads: usize,
-    rep: u32,
-    capacity: u32,
-    len: u32,
-    head_dim: u32,
+    rep: usize,
+    len: usize,
     scale: f32,
-}
-
-impl Launch<'_> {
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let suffix = dtype_suffix(q.dtype()).expect("checked by decode_attention");
-        let (q_storage, q_layout) = q.storage_and_layout();
-        let (k_storage, k_layout) = k.storage_and_layout();
-        let (v_storage, v_layout) = v.storage_and_layout();
-        let q_view = cuda_view::<T>(&q_storage, q_layout)?;
-        let k_view = cuda_view::<T>(&k_storage, k_layout)?;
-        let v_view = cuda_view::<T>(&v_storage, v_layout)?;
-        let numel = self.heads * self.head_dim as usize;
-        // SAFETY: the kernel writes every element: each block its head's head_dim outputs.
-        let mut out = unsafe { self.dev.alloc::<T>(numel)? };
-        let func = crate::ATTENTION.function(self.dev, &format!("decode_attention_{suffix}"))?;
-        let stream = self.dev.cuda_stream();
-        let cfg = LaunchConfig {
-            grid_dim: (self.heads as u32, 1, 1),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut args = stream.launch_builder(&func);
-        args.arg(&q_view)
-            .arg(&k_view)
-            .arg(&v_view)
-            .arg(&mut out)
-            .arg(&self.rep)
-            .arg(&self.capacity)
-            .arg(&self.len)
-            .arg(&self.head_dim)
-            .arg(&self.scale);
-        // SAFETY: argument types and order match kernels/attention.cu's decode_attention_*.
-        unsafe { args.launch(cfg) }.w()?;
-        Ok(wrap(out, self.dev, numel.into()))
-    }
+) -> Result<Tensor, KernelError> {
+    let (_, _, capacity, head_dim) = k.dims4()?;
+    let suffix = dtype_suffix(q.dtype()).expect("checked by decode_attention");
+    let func = crate::ATTENTION.function(dev, &format!("decode_attention_at_{suffix}"))?;
+    let device = q.device();
+    let pos = Tensor::new(&[len as u32 - 1], device)?;
+    let scratch = Tensor::zeros(attention_scratch_bytes(heads, head_dim), DType::U8, device)?;
+    let numel = heads * head_dim;
+    // SAFETY: the kernel writes every element: the merge of each query head's spans.
+    let out = unsafe { dev.alloc::<T>(numel)? };
+    let pointer = |t: &Tensor| -> Result<DevicePointer, KernelError> {
+        let (storage, layout) = t.storage_and_layout();
+        match t.dtype() {
+            DType::U8 => Ok(device_pointer(&cuda_view::<u8>(&storage, layout)?, dev)),
+            DType::U32 => Ok(device_pointer(&cuda_view::<u32>(&storage, layout)?, dev)),
+            _ => Ok(device_pointer(&cuda_view::<T>(&storage, layout)?, dev)),
+        }
+    };
+    let operands = AttentionAt {
+        q: pointer(q)?,
+        out: device_pointer(&out, dev),
+        k_cache: pointer(k)?,
+        v_cache: pointer(v)?,
+        heads_total: heads,
+        rep,
+        capacity,
+        head_dim,
+        pos: pointer(&pos)?,
+        scale,
+        scratch: pointer(&scratch)?,
+    };
+    // SAFETY: q, the caches and the output are contiguous with the shapes checked by decode_attention, len is
+    // within the cache, the scratch is zeroed and sized for `heads`; every tensor outlives the queued launch
+    // (their memory is freed in stream order after it). A plain launch: the kernel before is candle's.
+    unsafe { launch_attention(&func, &dev.cuda_stream(), &operands, false) }?;
+    Ok(wrap(out, dev, numel.into()))
 }

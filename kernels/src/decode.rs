@@ -1,7 +1,8 @@
-//! The kernels of one decode step that are not matmuls: RMSNorm fused with the residual add, q/k/v bias +
+//! The kernels of one decode step that are not NF4 matmuls: RMSNorm fused with the residual add, q/k/v bias +
 //! rotary + KV-cache write, silu·up, embedding lookup and greedy argmax (norm.cu, rotary.cu, activation.cu,
 //! embedding.cu, argmax.cu), the decode-attention variant that reads the position from device memory
-//! (attention.cu), and a dense GEMV that writes into a given buffer (gemv_dense.cu).
+//! (attention.cu), and a dense GEMV that writes into a given buffer (gemv_dense.cu). The GEMVs can normalize their
+//! own input ([`NormedInput`]), which takes the norm kernels out of the step.
 //!
 //! They work on raw device pointers into buffers the caller keeps alive (model weights, the KV cache, the
 //! decode step's preallocated scratch), so that a decode step allocates nothing and can be captured once as a
@@ -15,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::{CudaDevice, DType};
 
-use crate::launch::KernelArgs;
+use crate::launch::{allow_dynamic_shared, resident_blocks, KernelArgs};
 
 use crate::tensor::dtype_suffix;
 use crate::{
@@ -66,6 +67,40 @@ const fn attention_counter_bytes(heads_total: usize) -> usize {
     (heads_total * 4).div_ceil(16) * 16
 }
 
+/// The input of a projection that normalizes it itself, or of the norm kernel: `x = RmsNorm(residual + added) ·
+/// weight` per row, where `added` is `delta`, `RmsNorm(delta) · delta_weight` (GLM-4-0414's norm of the sublayer
+/// output) or nothing (kernels/common.cuh `NormedInput`). Rows of `dim` elements of the kernels' dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct NormedInput {
+    /// `[rows, dim]`: the residual stream before this sublayer's output is added.
+    pub residual: DevicePointer,
+    /// `[rows, dim]`: the sublayer output added to it; None adds nothing.
+    pub delta: Option<DevicePointer>,
+    /// `[dim]`: the norm of `delta` before it is added (GLM-4-0414).
+    pub delta_weight: Option<DevicePointer>,
+    /// `[dim]`: the norm's weight.
+    pub weight: DevicePointer,
+    /// `[rows, dim]`: where the sum goes, or nowhere. A GEMV's blocks all read `residual`, so for a GEMV it must be
+    /// another buffer; the norm kernel may write it in place.
+    pub residual_out: Option<DevicePointer>,
+    /// `[rows, dim]`: where x goes, or nowhere (a GEMV keeps x in shared memory; the norm kernel needs it).
+    pub normed_out: Option<DevicePointer>,
+    pub eps: f32,
+}
+
+impl NormedInput {
+    /// The kernels' NORMED_INPUT_PARAMS, in order (null for None).
+    pub(crate) fn push_args(&self, args: &mut KernelArgs) {
+        args.arg(self.residual)
+            .arg(self.delta.unwrap_or(0))
+            .arg(self.delta_weight.unwrap_or(0))
+            .arg(self.weight)
+            .arg(self.residual_out.unwrap_or(0))
+            .arg(self.normed_out.unwrap_or(0))
+            .arg(self.eps);
+    }
+}
+
 /// The rotary/KV-write launch's shapes and operands (see kernels/rotary.cu).
 #[derive(Debug, Clone, Copy)]
 pub struct RotaryKvWrite {
@@ -91,11 +126,81 @@ pub struct RotaryKvWrite {
     pub v_cache: DevicePointer,
 }
 
+/// The split decode attention's operands (kernels/attention.cu `decode_attention_at_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionAt {
+    /// `[heads_total, head_dim]`, the `rep` query heads of a kv head consecutive; the output likewise.
+    pub q: DevicePointer,
+    pub out: DevicePointer,
+    /// `[heads_total / rep, capacity, head_dim]` each.
+    pub k_cache: DevicePointer,
+    pub v_cache: DevicePointer,
+    pub heads_total: usize,
+    pub rep: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+    /// u32: the cache holds `*pos + 1` tokens.
+    pub pos: DevicePointer,
+    pub scale: f32,
+    /// [`attention_scratch_bytes`]`(heads_total, head_dim)` bytes, zeroed before the first launch (every launch
+    /// leaves it so), used by one launch at a time.
+    pub scratch: DevicePointer,
+}
+
+/// Launches `func` (decode_attention_at_<dtype>) for `a` on `stream`; `overlap` as [`KernelArgs::launch`].
+///
+/// # Safety
+/// Every pointer of `a` holds what its field's documentation says, in `func`'s dtype, on `stream`'s device;
+/// `*pos < capacity`.
+pub(crate) unsafe fn launch_attention(
+    func: &CudaFunction,
+    stream: &CudaStream,
+    a: &AttentionAt,
+    overlap: bool,
+) -> Result<(), KernelError> {
+    let (heads_total, rep, head_dim) = (a.heads_total, a.rep, a.head_dim);
+    if rep == 0
+        || heads_total == 0
+        || !heads_total.is_multiple_of(rep)
+        || head_dim == 0
+        || head_dim > ATTENTION_MAX_HEAD_DIM
+    {
+        return Err(KernelError::Attention(format!(
+            "{heads_total} query heads in groups of {rep} with head_dim {head_dim}: the kernel takes whole \
+             groups and head_dim 1 to {ATTENTION_MAX_HEAD_DIM}"
+        )));
+    }
+    let groups = heads_total / rep;
+    let warps = rep.min(ATTENTION_MAX_WARPS) as u32;
+    let partial_ml = a.scratch + attention_counter_bytes(heads_total) as u64;
+    let partial_acc = partial_ml + (heads_total * ATTENTION_SPANS * 8) as u64;
+    let mut args = KernelArgs::new();
+    args.arg(a.q)
+        .arg(a.k_cache)
+        .arg(a.v_cache)
+        .arg(a.out)
+        .arg(rep as u32)
+        .arg(a.capacity as u32)
+        .arg(a.pos)
+        .arg(head_dim as u32)
+        .arg(a.scale)
+        .arg(a.scratch)
+        .arg(partial_ml)
+        .arg(partial_acc);
+    let cfg = LaunchConfig {
+        grid_dim: (groups as u32, ATTENTION_SPANS as u32, 1),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the argument list matches decode_attention_at_* in kernels/attention.cu; the caller vouches for
+    // the pointers.
+    unsafe { args.launch(func, stream, cfg, overlap) }
+}
+
 /// The decode-step kernels for one dtype on one device, loaded once (a graph capture must not load modules).
 pub struct DecodeKernels {
     dtype: DType,
     stream: Arc<CudaStream>,
-    rms_norm: CudaFunction,
     residual_rms_norm: CudaFunction,
     rotary_kv_write: CudaFunction,
     attention: CudaFunction,
@@ -103,6 +208,7 @@ pub struct DecodeKernels {
     embed_rows: CudaFunction,
     argmax_rows: CudaFunction,
     gemv_dense: CudaFunction,
+    gemv_dense_normed: CudaFunction,
 }
 
 impl DecodeKernels {
@@ -118,7 +224,6 @@ impl DecodeKernels {
         Ok(Self {
             dtype,
             stream: dev.cuda_stream(),
-            rms_norm: load("rms_norm", &NORM)?,
             residual_rms_norm: load("residual_rms_norm", &NORM)?,
             rotary_kv_write: load("rotary_kv_write", &ROTARY)?,
             attention: load("decode_attention_at", &ATTENTION)?,
@@ -126,6 +231,7 @@ impl DecodeKernels {
             embed_rows: load("embed_rows", &EMBEDDING)?,
             argmax_rows: load("argmax_rows", &ARGMAX)?,
             gemv_dense: load("gemv_dense", &GEMV_DENSE)?,
+            gemv_dense_normed: load("gemv_dense_normed", &GEMV_DENSE)?,
         })
     }
 
@@ -147,60 +253,27 @@ impl DecodeKernels {
         unsafe { args.launch(func, &self.stream, cfg, overlap) }
     }
 
-    /// `out = RmsNorm(x) · weight` for `rows` rows of `dim`.
+    /// The rows of x `input` describes, one block a row: the sum into `input.residual_out` (which may here be
+    /// `input.residual`), x into `input.normed_out` (required).
     ///
     /// # Safety
-    /// `x`, `out` hold `rows * dim` and `weight` `dim` elements of the kernels' dtype on this device.
-    pub unsafe fn rms_norm(
-        &self,
-        x: DevicePointer,
-        weight: DevicePointer,
-        out: DevicePointer,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<(), KernelError> {
-        check_norm_dim(dim)?;
-        let dim = dim as u32;
-        let mut args = KernelArgs::new();
-        args.arg(x).arg(weight).arg(out).arg(dim).arg(eps);
-        unsafe {
-            self.launch(
-                &self.rms_norm,
-                &mut args,
-                rows_config(rows, NORM_THREADS),
-                false,
-            )
-        }?;
-        Ok(())
-    }
-
-    /// `residual += delta` (or `+= RmsNorm(delta) · delta_weight`), then `out = RmsNorm(residual) · weight`.
-    ///
-    /// # Safety
-    /// `residual`, `delta`, `out` hold `rows * dim` elements, the weights `dim`, all of the kernels' dtype.
-    #[allow(clippy::too_many_arguments)]
+    /// The pointers of `input` hold `rows * dim` elements (the weights `dim`) of the kernels' dtype on this device.
     pub unsafe fn residual_rms_norm(
         &self,
-        residual: DevicePointer,
-        delta: DevicePointer,
-        delta_weight: Option<DevicePointer>,
-        weight: DevicePointer,
-        out: DevicePointer,
+        input: &NormedInput,
         rows: usize,
         dim: usize,
-        eps: f32,
     ) -> Result<(), KernelError> {
         check_norm_dim(dim)?;
-        let (dim, delta_weight) = (dim as u32, delta_weight.unwrap_or(0));
+        if input.normed_out.is_none() {
+            return Err(KernelError::BadInput {
+                name: "RMSNorm".into(),
+                problem: "the norm kernel needs somewhere to write x (normed_out)".into(),
+            });
+        }
         let mut args = KernelArgs::new();
-        args.arg(residual)
-            .arg(delta)
-            .arg(delta_weight)
-            .arg(weight)
-            .arg(out)
-            .arg(dim)
-            .arg(eps);
+        input.push_args(&mut args);
+        args.arg(dim as u32);
         unsafe {
             self.launch(
                 &self.residual_rms_norm,
@@ -253,63 +326,12 @@ impl DecodeKernels {
 
     /// softmax(q·Kᵀ·scale)·V over the first `*pos + 1` cached tokens; shapes as [`crate::decode_attention`]
     /// with `heads_total = batch * heads`. Spans of the cache run in parallel and are merged at the end
-    /// (kernels/attention.cu), through `scratch`.
+    /// (kernels/attention.cu), through `a.scratch`.
     ///
     /// # Safety
-    /// `q`, `out` hold `heads_total * head_dim` elements, the caches `batch * kv_heads * capacity * head_dim`;
-    /// `*pos < capacity`; `scratch` holds [`attention_scratch_bytes`]`(heads_total, head_dim)` bytes, zeroed
-    /// before the first call (every call leaves it so) and used by one launch at a time.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attention_at(
-        &self,
-        q: DevicePointer,
-        k_cache: DevicePointer,
-        v_cache: DevicePointer,
-        out: DevicePointer,
-        heads_total: usize,
-        rep: usize,
-        capacity: usize,
-        pos: DevicePointer,
-        head_dim: usize,
-        scale: f32,
-        scratch: DevicePointer,
-    ) -> Result<(), KernelError> {
-        if rep == 0
-            || !heads_total.is_multiple_of(rep)
-            || head_dim == 0
-            || head_dim > ATTENTION_MAX_HEAD_DIM
-        {
-            return Err(KernelError::Attention(format!(
-                "{heads_total} query heads in groups of {rep} with head_dim {head_dim}: the decode step takes \
-                 whole groups and head_dim 1 to {ATTENTION_MAX_HEAD_DIM}"
-            )));
-        }
-        let groups = heads_total / rep;
-        let warps = rep.min(ATTENTION_MAX_WARPS) as u32;
-        let counters = scratch;
-        let partial_ml = scratch + attention_counter_bytes(heads_total) as u64;
-        let partial_acc = partial_ml + (heads_total * ATTENTION_SPANS * 8) as u64;
-        let (rep, capacity, head_dim) = (rep as u32, capacity as u32, head_dim as u32);
-        let mut args = KernelArgs::new();
-        args.arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(out)
-            .arg(rep)
-            .arg(capacity)
-            .arg(pos)
-            .arg(head_dim)
-            .arg(scale)
-            .arg(counters)
-            .arg(partial_ml)
-            .arg(partial_acc);
-        let cfg = LaunchConfig {
-            grid_dim: (groups as u32, ATTENTION_SPANS as u32, 1),
-            block_dim: (32 * warps, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { self.launch(&self.attention, &mut args, cfg, true) }?;
-        Ok(())
+    /// As [`launch_attention`].
+    pub unsafe fn attention_at(&self, a: &AttentionAt) -> Result<(), KernelError> {
+        unsafe { launch_attention(&self.attention, &self.stream, a, true) }
     }
 
     /// `out [rows, inter] = silu(gate) · up` of `gate_up [rows, 2 * inter]`.
@@ -425,6 +447,50 @@ impl DecodeKernels {
         unsafe { self.launch_gemv_dense(weights, 2, x, rows, n, k) }
     }
 
+    /// `y [rows, n] = x · wᵀ` with x the rows `input` describes, computed by each block into shared memory (no
+    /// norm kernel before the GEMV). Returns false, launching nothing, where the kernel cannot: rows of `k`
+    /// elements not 16-byte aligned, or x larger than a block's shared memory; the caller then normalizes with
+    /// [`Self::residual_rms_norm`] and multiplies with [`Self::gemv_dense`].
+    ///
+    /// # Safety
+    /// As [`Self::gemv_dense`]; the pointers of `input` as [`Self::residual_rms_norm`], with `residual_out` not
+    /// `residual`.
+    pub unsafe fn gemv_dense_normed(
+        &self,
+        w: DevicePointer,
+        input: &NormedInput,
+        y: DevicePointer,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<bool, KernelError> {
+        check_dense_rows(rows)?;
+        let elem = self.dtype.size_in_bytes();
+        let shared = rows * k * elem;
+        let aligned = (k * elem).is_multiple_of(16)
+            && [w, input.residual, input.weight]
+                .iter()
+                .all(|p| p.is_multiple_of(16));
+        let stream = &self.stream;
+        let threads = 32 * DENSE_WARPS;
+        if !aligned || !allow_dynamic_shared(&self.gemv_dense_normed, stream, shared)? {
+            return Ok(false);
+        }
+        // Every block normalizes x, so the grid is what fits on the device at once, its warps looping over rows.
+        let resident = resident_blocks(&self.gemv_dense_normed, stream, threads, shared)?;
+        let mut args = KernelArgs::new();
+        args.arg(w);
+        input.push_args(&mut args);
+        args.arg(y).arg(n as u32).arg(k as u32).arg(rows as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(DENSE_WARPS as usize).min(resident) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        unsafe { self.launch(&self.gemv_dense_normed, &mut args, cfg, true) }?;
+        Ok(true)
+    }
+
     /// The first `count` of `weights` (weight, output) times x.
     unsafe fn launch_gemv_dense(
         &self,
@@ -435,12 +501,7 @@ impl DecodeKernels {
         n: usize,
         k: usize,
     ) -> Result<(), KernelError> {
-        if rows == 0 || rows > DENSE_MAX_ROWS {
-            return Err(KernelError::BadInput {
-                name: "dense GEMV".into(),
-                problem: format!("{rows} rows of x: the kernel takes 1 to {DENSE_MAX_ROWS}"),
-            });
-        }
+        check_dense_rows(rows)?;
         let elem = self.dtype.size_in_bytes() as u64;
         let [(w0, y0), (w1, y1)] = weights;
         // 16-byte loads need 16-byte aligned rows of w and x.
@@ -467,6 +528,16 @@ impl DecodeKernels {
         unsafe { self.launch(&self.gemv_dense, &mut args, cfg, true) }?;
         Ok(())
     }
+}
+
+fn check_dense_rows(rows: usize) -> Result<(), KernelError> {
+    if rows == 0 || rows > DENSE_MAX_ROWS {
+        return Err(KernelError::BadInput {
+            name: "dense GEMV".into(),
+            problem: format!("{rows} rows of x: the kernel takes 1 to {DENSE_MAX_ROWS}"),
+        });
+    }
+    Ok(())
 }
 
 fn check_norm_dim(dim: usize) -> Result<(), KernelError> {

@@ -14,7 +14,8 @@ use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
+    self, CUdevice_attribute, CUfunction_attribute, CUlaunchAttribute, CUlaunchAttributeID,
+    CUlaunchAttributeValue, CUlaunchConfig,
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 use candle_core::cuda_backend::WrapErr;
@@ -139,4 +140,47 @@ impl KernelArgs {
 fn programmatic_launch() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("GLM_RUN_PDL").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Whether `func` can launch with `bytes` of dynamic shared memory on `stream`'s device; if so, allows it (beyond
+/// 48 KB a kernel must opt in: it is allowed all the device has per block, past its static shared memory).
+pub(crate) fn allow_dynamic_shared(
+    func: &CudaFunction,
+    stream: &CudaStream,
+    bytes: usize,
+) -> Result<bool, KernelError> {
+    stream.context().bind_to_thread().w()?;
+    let per_block = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    let available = per_block - func.shared_size_bytes().w()?;
+    if bytes > available.max(0) as usize {
+        return Ok(false);
+    }
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        available,
+    )
+    .w()?;
+    Ok(true)
+}
+
+/// How many blocks of `threads` with `shared` bytes of dynamic shared memory fit on `stream`'s device at once.
+pub(crate) fn resident_blocks(
+    func: &CudaFunction,
+    stream: &CudaStream,
+    threads: u32,
+    shared: usize,
+) -> Result<usize, KernelError> {
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
+        .w()?
+        .max(1) as usize;
+    let sms = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?
+        .max(1) as usize;
+    Ok(sms * per_sm)
 }

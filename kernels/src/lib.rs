@@ -31,8 +31,8 @@ use candle_core::cuda_backend::WrapErr;
 
 pub use attention::decode_attention;
 pub use decode::{
-    argmax_scratch_bytes, attention_scratch_bytes, device_pointer, DecodeKernels, DevicePointer,
-    RotaryKvWrite, DENSE_MAX_ROWS, NORM_MAX_DIM,
+    argmax_scratch_bytes, attention_scratch_bytes, device_pointer, AttentionAt, DecodeKernels,
+    DevicePointer, NormedInput, RotaryKvWrite, DENSE_MAX_ROWS, NORM_MAX_DIM,
 };
 pub use gemm::FUSED_GEMM_BLOCK_TOKENS;
 pub use matmul::GEMV_MAX_ROWS;

@@ -4,14 +4,13 @@
 //! (candle's matmul). benches/gpu_kernels.rs measures all three against cuBLAS f16; benches/results/kernels.md has
 //! the numbers.
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, DType, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::decode::{device_pointer, DevicePointer};
-use crate::launch::KernelArgs;
+use crate::decode::{device_pointer, DevicePointer, NormedInput};
+use crate::launch::{allow_dynamic_shared, resident_blocks, KernelArgs};
 use crate::layout::{PackedLayout, TILE_COLS, TILE_ROWS};
 use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
 use crate::KernelError;
@@ -128,39 +127,17 @@ impl CudaNf4Tensor {
         y: DevicePointer,
         rows: usize,
     ) -> Result<(), KernelError> {
-        let &[n, k] = self.shape.dims() else {
-            return Err(KernelError::BadInput {
-                name: self.name.clone(),
-                problem: format!(
-                    "a GEMV needs a 2-D weight, this one is {:?}",
-                    self.shape.dims()
-                ),
-            });
-        };
-        let Some(suffix) = dtype_suffix(dtype) else {
-            return Err(KernelError::UnsupportedDtype {
-                name: self.name.clone(),
-                dtype,
-            });
-        };
-        if rows == 0 || rows > GEMV_MAX_ROWS {
-            return Err(KernelError::BadInput {
-                name: self.name.clone(),
-                problem: format!("{rows} rows of x: the GEMV takes 1 to {GEMV_MAX_ROWS}"),
-            });
-        }
+        let (n, k, suffix) = self.gemv_dims(dtype, rows)?;
         let dev = self.cuda_device();
         // The tiled kernel loads x 16 bytes at a time.
-        let tiled = matches!(self.layout, PackedLayout::Tiled { .. })
-            && dtype != DType::F32
-            && x.is_multiple_of(16);
+        let tiled = self.takes_tiled_gemv(dtype) && x.is_multiple_of(16);
         let kind = if tiled { "tiled" } else { "generic" };
         let func = crate::GEMV_NF4.function(
             dev,
             &format!("gemv_nf4_{kind}_{}{suffix}", self.absmax.kernel_infix()),
         )?;
         let (cfg, split) = if tiled {
-            tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?
+            tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS, 0)?
         } else {
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(GENERIC_WARPS as usize).min(1 << 20) as u32, 1, 1),
@@ -191,6 +168,96 @@ impl CudaNf4Tensor {
         unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }
     }
 
+    /// `y [rows, N] = x · Wᵀ` with x the rows `input` describes (RmsNorm of the residual plus a sublayer's output,
+    /// see [`NormedInput`]), which every block of the tiled GEMV computes into its shared memory, so that no norm
+    /// kernel runs between two projections of a decode step. Returns false, launching nothing, where that kernel
+    /// cannot: a weight or dtype the tiled kernel does not take, or x larger than a block's shared memory; the
+    /// caller then normalizes first (`DecodeKernels::residual_rms_norm`) and calls [`Self::gemv_into`].
+    ///
+    /// # Safety
+    /// As [`Self::gemv_into`] for `y`; the pointers of `input` hold `rows * K` elements of `dtype` (the weights
+    /// `K`), and `input.residual_out` is not `input.residual`.
+    pub unsafe fn gemv_normed_into(
+        &self,
+        dtype: DType,
+        input: &NormedInput,
+        y: DevicePointer,
+        rows: usize,
+    ) -> Result<bool, KernelError> {
+        let (n, k, suffix) = self.gemv_dims(dtype, rows)?;
+        let aligned = [input.residual, input.weight]
+            .into_iter()
+            .chain(input.delta)
+            .chain(input.delta_weight)
+            .all(|p| p.is_multiple_of(16));
+        if !self.takes_tiled_gemv(dtype) || !aligned {
+            return Ok(false);
+        }
+        let dev = self.cuda_device();
+        let func = crate::GEMV_NF4.function(
+            dev,
+            &format!(
+                "gemv_nf4_tiled_{}normed_{suffix}",
+                self.absmax.kernel_infix()
+            ),
+        )?;
+        let shared = rows * k * dtype.size_in_bytes();
+        if !allow_dynamic_shared(&func, &dev.cuda_stream(), shared)? {
+            return Ok(false);
+        }
+        let (cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS, shared)?;
+        let mut args = KernelArgs::new();
+        args.arg(device_pointer(&self.packed, dev));
+        self.absmax.push_args(&mut args, dev);
+        input.push_args(&mut args);
+        args.arg(y)
+            .arg(n as u32)
+            .arg(k as u32)
+            .arg(rows as u32)
+            .arg(split)
+            .arg(self.blocksize.trailing_zeros());
+        // SAFETY: the argument list matches gemv_nf4_tiled_[nested_]normed_<suffix> in kernels/gemv_nf4.cu, which
+        // waits for the previous kernel before reading input's rows; the weight is tiled (checked above) and the
+        // rows 16-byte aligned (K % 64 == 0 and aligned starts).
+        unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }?;
+        Ok(true)
+    }
+
+    /// Whether the tiled tensor-core GEMV takes this weight with x of `dtype` (f16/bf16 on a tiled weight).
+    fn takes_tiled_gemv(&self, dtype: DType) -> bool {
+        matches!(self.layout, PackedLayout::Tiled { .. }) && dtype != DType::F32
+    }
+
+    /// `(N, K, kernel dtype suffix)` after checking that this weight can take a GEMV of `rows` rows of `dtype`.
+    fn gemv_dims(
+        &self,
+        dtype: DType,
+        rows: usize,
+    ) -> Result<(usize, usize, &'static str), KernelError> {
+        let &[n, k] = self.shape.dims() else {
+            return Err(KernelError::BadInput {
+                name: self.name.clone(),
+                problem: format!(
+                    "a GEMV needs a 2-D weight, this one is {:?}",
+                    self.shape.dims()
+                ),
+            });
+        };
+        let Some(suffix) = dtype_suffix(dtype) else {
+            return Err(KernelError::UnsupportedDtype {
+                name: self.name.clone(),
+                dtype,
+            });
+        };
+        if rows == 0 || rows > GEMV_MAX_ROWS {
+            return Err(KernelError::BadInput {
+                name: self.name.clone(),
+                problem: format!("{rows} rows of x: the GEMV takes 1 to {GEMV_MAX_ROWS}"),
+            });
+        }
+        Ok((n, k, suffix))
+    }
+
     /// `y = x · Wᵀ` and `y_other = x · W_otherᵀ` for two weights of one shape and kind (GLM's k and v), in one
     /// launch of the tiled kernel when both are tiled (the two small GEMVs then overlap), else as two
     /// [`Self::gemv_into`] launches.
@@ -206,13 +273,12 @@ impl CudaNf4Tensor {
         y_other: DevicePointer,
         rows: usize,
     ) -> Result<(), KernelError> {
-        let pairable = matches!(self.layout, PackedLayout::Tiled { .. })
+        let pairable = self.takes_tiled_gemv(dtype)
             && self.layout == other.layout
             && self.shape == other.shape
             && self.blocksize == other.blocksize
             && self.absmax.kernel_infix() == other.absmax.kernel_infix()
             && self.device.same_device(&other.device)
-            && dtype != DType::F32
             && x.is_multiple_of(16)
             && (1..=GEMV_MAX_ROWS).contains(&rows);
         if !pairable {
@@ -228,7 +294,7 @@ impl CudaNf4Tensor {
             dev,
             &format!("gemv_nf4_tiled_{}pair_{suffix}", self.absmax.kernel_infix()),
         )?;
-        let (mut cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS)?;
+        let (mut cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS, 0)?;
         cfg.grid_dim.1 = 2;
         let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
         let (n32, k32) = (n as u32, k as u32);
@@ -253,7 +319,8 @@ impl CudaNf4Tensor {
 /// Warps per block of the tiled GEMV (GEMV_WARPS in gemv_nf4.cu).
 const TILED_WARPS: usize = 16;
 
-/// Launch shape and `split` argument of the tiled GEMV for `strips` 16-row strips of `tiles` 64-column tiles.
+/// Launch shape and `split` argument of the tiled GEMV for `strips` 16-row strips of `tiles` 64-column tiles,
+/// with `shared` bytes of dynamic shared memory a block.
 ///
 /// Blocks (no more than fit on the device at once, so each builds its code table once) loop over rounds of
 /// 16 / split strips. A round costs a warp its run of tiles, plus about two tiles' time of reduction and ramp when
@@ -265,23 +332,15 @@ fn tiled_launch(
     func: &CudaFunction,
     strips: usize,
     tiles: usize,
-) -> candle_core::Result<(LaunchConfig, u32)> {
+    shared: usize,
+) -> Result<(LaunchConfig, u32), KernelError> {
     let threads = 32 * TILED_WARPS as u32;
-    let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
-        .w()?
-        .max(1) as usize;
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()?
-        .max(1) as usize;
-    let (split, blocks) = tiled_split(strips, tiles, sms * per_sm);
+    let resident = resident_blocks(func, &dev.cuda_stream(), threads, shared)?;
+    let (split, blocks) = tiled_split(strips, tiles, resident);
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared as u32,
     };
     Ok((cfg, split as u32))
 }

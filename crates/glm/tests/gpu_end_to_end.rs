@@ -516,10 +516,12 @@ mod decode_step {
         prompts: &Tensor,
         forced: &[Vec<u32>],
         launch: StepLaunch,
+        fused_norms: bool,
     ) -> Vec<Tensor> {
         let mut cache = model.new_cache();
         model.forward(prompts, &mut cache).unwrap();
         let mut step = CudaDecoder::new(model, prompts.dim(0).unwrap(), launch).unwrap();
+        step.set_fused_norms(fused_norms);
         forced
             .iter()
             .map(|tokens| {
@@ -547,8 +549,8 @@ mod decode_step {
             let forced: Vec<Vec<u32>> = (0..6u32)
                 .map(|i| vec![i * 37 % 300, i * 11 % 300])
                 .collect();
-            let direct = fused_logits(&model, &batch, &forced, StepLaunch::Direct);
-            let graph = fused_logits(&model, &batch, &forced, StepLaunch::Graph);
+            let direct = fused_logits(&model, &batch, &forced, StepLaunch::Direct, false);
+            let graph = fused_logits(&model, &batch, &forced, StepLaunch::Graph, false);
             for (i, (d, g)) in direct.iter().zip(&graph).enumerate() {
                 let (d, g) = (d.to_vec2::<f32>().unwrap(), g.to_vec2::<f32>().unwrap());
                 assert!(
@@ -571,6 +573,51 @@ mod decode_step {
             println!(
                 "{dtype:?} quantize={quantize}: graph = direct bit for bit; batch rows match plain"
             );
+        }
+    }
+
+    /// The projections that compute the norm before them (set_fused_norms) against the norm kernels: logits
+    /// within rounding on every layout (GLM-4-0414's sublayer norms too), dense and
+    /// NF4, in each dtype (f32 takes the norm kernel either way); graph = direct bit for bit, for a batch.
+    #[test]
+    fn fused_norms_match_the_norm_kernels() {
+        let Some(gpu) = cuda_device_or_skip("fused_norms_match_the_norm_kernels") else {
+            return;
+        };
+        for (name, dtype, quantize, tolerance) in [
+            ("glm", DType::F32, false, 1e-5),
+            ("glm4", DType::F16, true, 5e-3),
+            ("glm4", DType::BF16, false, 2e-2),
+            ("glm4v", DType::F16, false, 5e-3),
+            ("chatglm", DType::BF16, true, 2e-2),
+            ("glm4-nf4", DType::F16, false, 5e-3),
+        ] {
+            let what = format!("{name} {dtype:?} quantize={quantize}");
+            let model =
+                Model::load(fixture(name), &gpu_options(&gpu, dtype, quantize, false)).unwrap();
+            let prompts = fixture_prompts(name);
+            let len = prompts.iter().map(Vec::len).min().unwrap();
+            let rows: Vec<Vec<u32>> = prompts.iter().map(|p| p[..len].to_vec()).collect();
+            let batch = Tensor::new(rows, &Device::Cpu).unwrap();
+            let forced: Vec<Vec<u32>> = (0..6u32)
+                .map(|i| vec![i * 37 % 300, i * 11 % 300])
+                .collect();
+            let kernels = fused_logits(&model, &batch, &forced, StepLaunch::Graph, false);
+            let direct = fused_logits(&model, &batch, &forced, StepLaunch::Direct, true);
+            let graph = fused_logits(&model, &batch, &forced, StepLaunch::Graph, true);
+            for (i, ((k, d), g)) in kernels.iter().zip(&direct).zip(&graph).enumerate() {
+                let (dv, gv) = (d.to_vec2::<f32>().unwrap(), g.to_vec2::<f32>().unwrap());
+                assert!(
+                    dv == gv,
+                    "{what}: step {i}: graph logits differ from direct launches"
+                );
+                let diff = max_abs(&(d - k).unwrap()) / max_abs(k);
+                assert!(
+                    diff <= tolerance,
+                    "{what}: step {i}: {diff:.2e} from the norm kernels"
+                );
+            }
+            println!("{what}: fused norms match the norm kernels; graph = direct bit for bit");
         }
     }
 }

@@ -1,11 +1,16 @@
 //! The decode-step kernels (norm.cu, rotary.cu, activation.cu, embedding.cu, argmax.cu, gemv_dense.cu and
-//! attention.cu's position-reading variant) against f64 references on the CPU, on awkward sizes and in every
+//! attention.cu's position-reading variant, and the GEMVs that normalize their own input) against f64 references on the CPU, on awkward sizes and in every
 //! dtype. They take raw device pointers; the tensors here own the memory.
 
 use candle_core::{DType, Device, Tensor, D};
-use glm_kernels::{argmax_scratch_bytes, attention_scratch_bytes, DecodeKernels, RotaryKvWrite};
+use glm_kernels::{
+    argmax_scratch_bytes, attention_scratch_bytes, AttentionAt, DecodeKernels, NormedInput,
+    RotaryKvWrite,
+};
 
-use crate::common::{cuda_device_or_skip, ptr, relative_error, to_f64};
+use crate::common::{
+    cpu_product, cuda_device_or_skip, ptr, relative_error, to_f64, tolerance, weight,
+};
 
 const DTYPES: [(DType, f64); 3] = [
     (DType::F32, 1e-6),
@@ -41,6 +46,100 @@ fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
         .unwrap()
 }
 
+/// What a NormedInput computes, in f64: (residual + added, x) with added = delta, RmsNorm(delta)·delta_weight or
+/// nothing, and x the norm of the sum as `stored` (the sum the kernel wrote, rounded to the dtype).
+fn normed_reference(
+    residual: &Tensor,
+    delta: Option<&Tensor>,
+    delta_weight: Option<&Tensor>,
+    weight: &Tensor,
+    stored: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor) {
+    let sum = match (delta, delta_weight) {
+        (None, _) => f64_of(residual),
+        (Some(d), None) => (f64_of(residual) + f64_of(d)).unwrap(),
+        (Some(d), Some(dw)) => (f64_of(residual) + rms_norm_reference(d, dw, eps)).unwrap(),
+    };
+    (
+        sum,
+        rms_norm_reference(&stored.to_device(&Device::Cpu).unwrap(), weight, eps),
+    )
+}
+
+/// The three kinds of NormedInput (nothing added, a delta, a normalized delta) for `rows` of `dim` in `dtype`.
+struct NormedCase {
+    residual: Tensor,
+    delta: Option<Tensor>,
+    delta_weight: Option<Tensor>,
+    weight: Tensor,
+}
+
+fn normed_cases(rows: usize, dim: usize, dtype: DType) -> Vec<NormedCase> {
+    [(false, false), (true, false), (true, true)]
+        .into_iter()
+        .map(|(delta, post_norm)| NormedCase {
+            residual: randn(&[rows, dim], dtype),
+            delta: delta.then(|| randn(&[rows, dim], dtype)),
+            delta_weight: post_norm.then(|| randn(&[dim], dtype)),
+            weight: randn(&[dim], dtype),
+        })
+        .collect()
+}
+
+impl NormedCase {
+    fn what(&self) -> String {
+        match (&self.delta, &self.delta_weight) {
+            (None, _) => "no delta".into(),
+            (Some(_), None) => "delta".into(),
+            (Some(_), Some(_)) => "normalized delta".into(),
+        }
+    }
+
+    /// The case on the GPU, kept alive with the NormedInput pointing into it (residual_out and normed_out zeroed
+    /// buffers of their own).
+    fn upload(&self, gpu: &Device, eps: f32) -> (Vec<Tensor>, NormedInput) {
+        let g = |t: &Tensor| t.to_device(gpu).unwrap();
+        let zeros = || self.residual.zeros_like().unwrap().to_device(gpu).unwrap();
+        let kept = vec![
+            g(&self.residual),
+            self.delta.as_ref().map_or_else(zeros, g),
+            self.delta_weight
+                .as_ref()
+                .map_or_else(|| g(&self.weight), g),
+            g(&self.weight),
+            zeros(),
+            zeros(),
+        ];
+        let input = NormedInput {
+            residual: ptr(&kept[0]),
+            delta: self.delta.as_ref().map(|_| ptr(&kept[1])),
+            delta_weight: self.delta_weight.as_ref().map(|_| ptr(&kept[2])),
+            weight: ptr(&kept[3]),
+            residual_out: Some(ptr(&kept[4])),
+            normed_out: Some(ptr(&kept[5])),
+            eps,
+        };
+        (kept, input)
+    }
+
+    /// Checks the sum and x a kernel wrote (kept[4], kept[5]).
+    fn check(&self, kept: &[Tensor], eps: f64, tolerance: f64, what: &str) {
+        let (sum, x) = normed_reference(
+            &self.residual,
+            self.delta.as_ref(),
+            self.delta_weight.as_ref(),
+            &self.weight,
+            &kept[4],
+            eps,
+        );
+        let error = relative_error(&to_f64(&kept[4]), &to_f64(&sum));
+        assert!(error <= tolerance, "{what}: residual {error:.2e}");
+        let error = relative_error(&to_f64(&kept[5]), &to_f64(&x));
+        assert!(error <= tolerance, "{what}: x {error:.2e}");
+    }
+}
+
 #[test]
 fn norms_match_the_reference() {
     let Some(gpu) = cuda_device_or_skip("norms_match_the_reference") else {
@@ -53,54 +152,110 @@ fn norms_match_the_reference() {
     for (dtype, tolerance) in DTYPES {
         let k = DecodeKernels::new(dev, dtype).unwrap();
         for (rows, dim) in [(1, 4096), (3, 1000), (8, 64), (2, 5), (1, 8192)] {
-            let x = randn(&[rows, dim], dtype);
-            let delta = randn(&[rows, dim], dtype);
-            let (w, wd) = (randn(&[dim], dtype), randn(&[dim], dtype));
-            let g = |t: &Tensor| t.to_device(&gpu).unwrap();
-            let out = Tensor::zeros((rows, dim), dtype, &gpu).unwrap();
-            unsafe { k.rms_norm(ptr(&g(&x)), ptr(&g(&w)), ptr(&out), rows, dim, eps as f32) }
-                .unwrap();
-            let error = relative_error(&to_f64(&out), &to_f64(&rms_norm_reference(&x, &w, eps)));
-            assert!(
-                error <= tolerance,
-                "rms_norm {dtype:?} {rows}x{dim}: {error:.2e}"
-            );
-
-            for post_norm in [false, true] {
-                let residual = g(&x);
-                let (delta_gpu, w_gpu, wd_gpu) = (g(&delta), g(&w), g(&wd));
-                let out = Tensor::zeros((rows, dim), dtype, &gpu).unwrap();
-                unsafe {
-                    k.residual_rms_norm(
-                        ptr(&residual),
-                        ptr(&delta_gpu),
-                        post_norm.then(|| ptr(&wd_gpu)),
-                        ptr(&w_gpu),
-                        ptr(&out),
-                        rows,
-                        dim,
-                        eps as f32,
-                    )
-                }
-                .unwrap();
-                let added = if post_norm {
-                    rms_norm_reference(&delta, &wd, eps)
-                } else {
-                    f64_of(&delta)
+            for case in normed_cases(rows, dim, dtype) {
+                let what = format!("residual_rms_norm {dtype:?} {rows}x{dim} {}", case.what());
+                let (kept, input) = case.upload(&gpu, eps as f32);
+                unsafe { k.residual_rms_norm(&input, rows, dim) }.unwrap();
+                case.check(&kept, eps, tolerance, &what);
+                // In place, as the op-by-op residual: the same sum.
+                let in_place = NormedInput {
+                    residual_out: Some(input.residual),
+                    ..input
                 };
-                let want_residual = (f64_of(&x) + added).unwrap();
-                let what =
-                    format!("residual_rms_norm {dtype:?} {rows}x{dim} post_norm={post_norm}");
-                let error = relative_error(&to_f64(&residual), &to_f64(&want_residual));
-                assert!(error <= tolerance, "{what}: residual {error:.2e}");
-                // The norm of what the kernel stored (the rounded residual).
-                let want = rms_norm_reference(&residual.to_device(&Device::Cpu).unwrap(), &w, eps);
-                let error = relative_error(&to_f64(&out), &to_f64(&want));
-                assert!(error <= tolerance, "{what}: out {error:.2e}");
+                unsafe { k.residual_rms_norm(&in_place, rows, dim) }.unwrap();
+                assert_eq!(to_f64(&kept[0]), to_f64(&kept[4]), "{what}: in place");
             }
         }
-        let too_wide = unsafe { k.rms_norm(0, 0, 0, 1, 8193, 1e-5) }.unwrap_err();
+        let input = NormedInput {
+            residual: 0,
+            delta: None,
+            delta_weight: None,
+            weight: 0,
+            residual_out: None,
+            normed_out: Some(0),
+            eps: 1e-5,
+        };
+        let too_wide = unsafe { k.residual_rms_norm(&input, 1, 8193) }.unwrap_err();
         assert!(too_wide.to_string().contains("1 to 8192"), "{too_wide}");
+        let nowhere = NormedInput {
+            normed_out: None,
+            ..input
+        };
+        let refused = unsafe { k.residual_rms_norm(&nowhere, 1, 64) }.unwrap_err();
+        assert!(refused.to_string().contains("normed_out"), "{refused}");
+    }
+}
+
+/// The GEMVs that normalize their own input (NF4 tiled and dense) against the f64 reference of the norm followed
+/// by the product, and against the norm kernel + plain GEMV they replace: the sum they write is the same bits.
+#[test]
+fn normed_gemvs_match_the_reference() {
+    let Some(gpu) = cuda_device_or_skip("normed_gemvs_match_the_reference") else {
+        return;
+    };
+    let Device::Cuda(dev) = &gpu else {
+        unreachable!()
+    };
+    let eps = 1e-5;
+    for (dtype, _) in DTYPES {
+        let k = DecodeKernels::new(dev, dtype).unwrap();
+        let tolerance = tolerance(dtype);
+        // GLM-4-9B's hidden size, a small one, and one whose rows of x need two chunk rounds per thread at batch 8.
+        for (n, dim, blocksize) in [(272, 4096, 64), (48, 64, 128), (160, 2112, 256)] {
+            let nf4 = weight(&gpu, n, dim, blocksize, true);
+            let dense = randn(&[n, dim], dtype);
+            let dense_gpu = dense.to_device(&gpu).unwrap();
+            for rows in [1, 3, 8] {
+                for case in normed_cases(rows, dim, dtype) {
+                    let what = format!("{dtype:?} [{n}, {dim}] rows {rows} {}", case.what());
+                    let (kept, input) = case.upload(&gpu, eps as f32);
+                    let y = Tensor::zeros((rows, n), dtype, &gpu).unwrap();
+                    let took =
+                        unsafe { nf4.gpu.gemv_normed_into(dtype, &input, ptr(&y), rows) }.unwrap();
+                    // f32 goes to the generic kernel, which does not normalize.
+                    assert_eq!(took, dtype != DType::F32, "NF4 {what}: launched");
+                    if took {
+                        case.check(&kept, eps, tolerance, &format!("NF4 {what}"));
+                        let x = kept[5].to_device(&Device::Cpu).unwrap();
+                        let error = relative_error(&to_f64(&y), &cpu_product(&nf4, &x));
+                        assert!(error <= tolerance, "NF4 {what}: y {error:.2e}");
+                        // The norm kernel gives the same sum (no reduction in it) and nearly the same x.
+                        let norm_out = Tensor::zeros((rows, dim), dtype, &gpu).unwrap();
+                        let norm_x = norm_out.zeros_like().unwrap();
+                        let separate = NormedInput {
+                            residual_out: Some(ptr(&norm_out)),
+                            normed_out: Some(ptr(&norm_x)),
+                            ..input
+                        };
+                        unsafe { k.residual_rms_norm(&separate, rows, dim) }.unwrap();
+                        assert_eq!(to_f64(&norm_out), to_f64(&kept[4]), "NF4 {what}: sum");
+                    }
+
+                    let (kept, input) = case.upload(&gpu, eps as f32);
+                    let y = Tensor::zeros((rows, n), dtype, &gpu).unwrap();
+                    let took = unsafe {
+                        k.gemv_dense_normed(ptr(&dense_gpu), &input, ptr(&y), rows, n, dim)
+                    }
+                    .unwrap();
+                    assert!(took, "dense {what}: launched");
+                    case.check(&kept, eps, tolerance, &format!("dense {what}"));
+                    let x = f64_of(&kept[5]);
+                    let want = x.matmul(&f64_of(&dense).t().unwrap()).unwrap();
+                    let error = relative_error(&to_f64(&y), &to_f64(&want));
+                    assert!(error <= tolerance, "dense {what}: y {error:.2e}");
+                }
+            }
+        }
+        // Rows of x not 16-byte aligned: the dense kernel declines and launches nothing.
+        let case = &normed_cases(1, 37, dtype)[1];
+        let (_kept, input) = case.upload(&gpu, eps as f32);
+        let w = randn(&[8, 37], dtype).to_device(&gpu).unwrap();
+        let y = Tensor::zeros((1, 8), dtype, &gpu).unwrap();
+        let took = unsafe { k.gemv_dense_normed(ptr(&w), &input, ptr(&y), 1, 8, 37) }.unwrap();
+        assert!(
+            !took && to_f64(&y).iter().all(|&v| v == 0.0),
+            "{dtype:?}: unaligned"
+        );
     }
 }
 
@@ -445,19 +600,19 @@ fn attention_at_reads_the_position_from_the_device() {
                 let out = Tensor::zeros((b, kv, rep, d), dtype, &gpu).unwrap();
                 let pos = Tensor::new(&[len as u32 - 1], &gpu).unwrap();
                 unsafe {
-                    k.attention_at(
-                        ptr(&q),
-                        ptr(&kc),
-                        ptr(&vc),
-                        ptr(&out),
-                        b * kv * rep,
+                    k.attention_at(&AttentionAt {
+                        q: ptr(&q),
+                        out: ptr(&out),
+                        k_cache: ptr(&kc),
+                        v_cache: ptr(&vc),
+                        heads_total: b * kv * rep,
                         rep,
                         capacity,
-                        ptr(&pos),
-                        d,
-                        0.125,
-                        ptr(&scratch),
-                    )
+                        head_dim: d,
+                        pos: ptr(&pos),
+                        scale: 0.125,
+                        scratch: ptr(&scratch),
+                    })
                 }
                 .unwrap();
                 let want = attention_reference(&q, &kc, &vc, len, 0.125);
@@ -476,6 +631,19 @@ fn attention_at_reads_the_position_from_the_device() {
         }
     }
     let k = DecodeKernels::new(dev, DType::F32).unwrap();
-    let bad = unsafe { k.attention_at(0, 0, 0, 0, 10, 3, 8, 0, 64, 1.0, 0) }.unwrap_err();
+    let bad = AttentionAt {
+        q: 0,
+        out: 0,
+        k_cache: 0,
+        v_cache: 0,
+        heads_total: 10,
+        rep: 3,
+        capacity: 8,
+        head_dim: 64,
+        pos: 0,
+        scale: 1.0,
+        scratch: 0,
+    };
+    let bad = unsafe { k.attention_at(&bad) }.unwrap_err();
     assert!(bad.to_string().contains("groups of 3"), "{bad}");
 }

@@ -3,9 +3,10 @@
 //!
 //! [`Model::forward`] decodes op by op through candle: about 65 launches per layer, each with host-side
 //! dispatch and an allocation, which costs far more than reading the weights (benches/results/decode-overhead.md).
-//! [`CudaDecoder`] runs the same arithmetic as ten kernels per layer (norms fused with the residual adds, k and v
-//! in one GEMV launch, bias + rotary + KV-cache write in one, silu·up in one, GEMVs writing into scratch
-//! buffers) with nothing allocated per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
+//! [`CudaDecoder`] runs the same arithmetic as ten kernels per layer (RMSNorm fused with the residual add before
+//! it, k and v in one GEMV launch, bias + rotary + KV-cache write in one, silu·up in one, GEMVs writing into
+//! scratch buffers; with `GLM_RUN_FUSED_NORMS=1`, eight: each norm computed by the GEMV after it) with nothing
+//! allocated per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
 //! previous step's greedy argmax wrote, the rotary and attention kernels read the position, and the argmax kernel
 //! advances it, so that every step has the same arguments and one CUDA graph, captured at the second step,
 //! serves all the others. The only host-device traffic per token is reading the chosen token ids back.
@@ -18,7 +19,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
-use glm_kernels::{device_pointer, DecodeKernels, DevicePointer, RotaryKvWrite};
+use glm_kernels::{
+    device_pointer, AttentionAt, DecodeKernels, DevicePointer, NormedInput, RotaryKvWrite,
+};
 use std::sync::Arc;
 
 use super::{DecoderLayer, KvCache, Model};
@@ -55,7 +58,10 @@ struct LayerWeights<'m> {
 /// The step's scratch, allocated once: activations of every stage for `batch` rows, the token ids and the
 /// position.
 struct Buffers {
-    residual: CudaSlice<u8>,
+    /// The residual stream, in two buffers: a GEMV that normalizes its input reads one while its first block
+    /// writes the sum into the other. The embedding goes into the first; each layer's attention input moves it
+    /// to the second, its MLP input back.
+    residuals: [CudaSlice<u8>; 2],
     normed: CudaSlice<u8>,
     q_raw: CudaSlice<u8>,
     k_raw: CudaSlice<u8>,
@@ -106,6 +112,8 @@ pub struct CudaDecoder<'m> {
     /// The token ids of the next step as the host knows them (needed for a table in host memory).
     host_tokens: Vec<u32>,
     steps: usize,
+    /// Whether projections after a norm compute it themselves ([`Self::set_fused_norms`]).
+    fused_norms: bool,
 }
 
 impl<'m> CudaDecoder<'m> {
@@ -182,7 +190,19 @@ impl<'m> CudaDecoder<'m> {
             captured: None,
             host_tokens: Vec::new(),
             steps: 0,
+            fused_norms: fused_norms_from_env(),
         })
+    }
+
+    /// Whether the projection after each norm computes the norm itself (every block into its shared memory, no
+    /// norm kernel between the two GEMVs) where its kernel can. Off unless `GLM_RUN_FUSED_NORMS=1`: the kernels
+    /// were written in a session without device time and have not been run on a GPU yet
+    /// (benches/results/decode-overhead.md); the GPU tests compare both ways.
+    pub fn set_fused_norms(&mut self, on: bool) {
+        if on != self.fused_norms {
+            self.fused_norms = on;
+            self.captured = None;
+        }
     }
 
     /// Sets the next step's input: one token id per sequence, at the position after what `cache` holds (after a
@@ -323,7 +343,7 @@ impl<'m> CudaDecoder<'m> {
     /// The input rows of the step: looked up on the device from the ids there, or in host memory and copied.
     fn embed(&mut self) -> Result<()> {
         let hidden = self.model.config().hidden_size;
-        let residual = device_pointer(&self.buffers.residual, &self.dev);
+        let residual = device_pointer(&self.buffers.residuals[0], &self.dev);
         if let Some(table) = self.embedding {
             let tokens = device_pointer(&self.buffers.tokens, &self.dev);
             // SAFETY: the table has vocab rows of `hidden` (the ids were checked or came from argmax over the
@@ -381,32 +401,38 @@ impl<'m> CudaDecoder<'m> {
         })
     }
 
-    /// Every launch of one step after the embedding: the layers, the final norm, the lm_head and the argmax.
+    /// Every launch of one step after the embedding: the layers, the lm_head (which applies the final norm) and
+    /// the argmax.
     fn launch_body(&self, cache: &[(DevicePointer, DevicePointer)], capacity: usize) -> Result<()> {
         let c = self.model.config();
-        let (rows, hidden) = (self.batch, c.hidden_size);
+        let rows = self.batch;
         let eps = c.rms_norm_eps as f32;
         let b = &self.buffers;
         let p = |slice: &CudaSlice<u8>| device_pointer(slice, &self.dev);
-        let (residual, normed) = (p(&b.residual), p(&b.normed));
+        let [first, second] = [p(&b.residuals[0]), p(&b.residuals[1])];
+        let (normed, projected) = (p(&b.normed), p(&b.projected));
         let position = device_pointer(&b.position, &self.dev);
         let k = &self.kernels;
+        // What the next norm adds to the residual: the previous layer's MLP output (in `projected`) and, for
+        // GLM-4-0414, that layer's norm of it. Nothing before the first layer.
+        let mut mlp_output: Option<Option<DevicePointer>> = None;
         // SAFETY (every launch below): the scratch buffers were sized for `batch` rows of each stage in
         // Buffers::new, the weights are the model's (borrowed for 'm), the cache buffers hold `capacity`
         // tokens per head and check_cache made sure the position is inside.
         unsafe {
-            k.rms_norm(
-                residual,
-                self.layers[0].input_norm,
-                normed,
-                rows,
-                hidden,
-                eps,
-            )
-            .map_err(kernel_error)?;
             for (i, layer) in self.layers.iter().enumerate() {
                 let (q_raw, k_raw, v_raw) = (p(&b.q_raw), p(&b.k_raw), p(&b.v_raw));
-                self.project(&layer.q, normed, q_raw)?;
+                let attention_input = NormedInput {
+                    residual: first,
+                    delta: mlp_output.map(|_| projected),
+                    delta_weight: mlp_output.flatten(),
+                    weight: layer.input_norm,
+                    residual_out: Some(second),
+                    // k and v read it.
+                    normed_out: Some(normed),
+                    eps,
+                };
+                self.project_normed(&layer.q, &attention_input, q_raw)?;
                 self.project_pair(&layer.k, &layer.v, normed, k_raw, v_raw)?;
                 let (k_cache, v_cache) = cache[i];
                 k.rotary_kv_write(&RotaryKvWrite {
@@ -427,53 +453,46 @@ impl<'m> CudaDecoder<'m> {
                     v_cache,
                 })
                 .map_err(kernel_error)?;
-                k.attention_at(
-                    p(&b.q),
+                k.attention_at(&AttentionAt {
+                    q: p(&b.q),
+                    out: p(&b.attention),
                     k_cache,
                     v_cache,
-                    p(&b.attention),
-                    rows * c.num_attention_heads,
-                    c.num_attention_heads / c.num_key_value_heads,
+                    heads_total: rows * c.num_attention_heads,
+                    rep: c.num_attention_heads / c.num_key_value_heads,
                     capacity,
-                    position,
-                    c.head_dim,
-                    (c.head_dim as f32).powf(-0.5),
-                    p(&b.attention_scratch),
-                )
+                    head_dim: c.head_dim,
+                    pos: position,
+                    scale: (c.head_dim as f32).powf(-0.5),
+                    scratch: p(&b.attention_scratch),
+                })
                 .map_err(kernel_error)?;
-                self.project(&layer.o, p(&b.attention), p(&b.projected))?;
-                k.residual_rms_norm(
-                    residual,
-                    p(&b.projected),
-                    layer.post_sublayer_norms.map(|(attn, _)| attn),
-                    layer.post_attention_norm,
-                    normed,
-                    rows,
-                    hidden,
+                self.project(&layer.o, p(&b.attention), projected)?;
+                let mlp_input = NormedInput {
+                    residual: second,
+                    delta: Some(projected),
+                    delta_weight: layer.post_sublayer_norms.map(|(attn, _)| attn),
+                    weight: layer.post_attention_norm,
+                    residual_out: Some(first),
+                    normed_out: None,
                     eps,
-                )
-                .map_err(kernel_error)?;
-                self.project(&layer.gate_up, normed, p(&b.gate_up))?;
+                };
+                self.project_normed(&layer.gate_up, &mlp_input, p(&b.gate_up))?;
                 k.silu_mul(p(&b.gate_up), p(&b.activation), rows, c.intermediate_size)
                     .map_err(kernel_error)?;
-                self.project(&layer.down, p(&b.activation), p(&b.projected))?;
-                let next_norm = self
-                    .layers
-                    .get(i + 1)
-                    .map_or(self.final_norm, |next| next.input_norm);
-                k.residual_rms_norm(
-                    residual,
-                    p(&b.projected),
-                    layer.post_sublayer_norms.map(|(_, mlp)| mlp),
-                    next_norm,
-                    normed,
-                    rows,
-                    hidden,
-                    eps,
-                )
-                .map_err(kernel_error)?;
+                self.project(&layer.down, p(&b.activation), projected)?;
+                mlp_output = Some(layer.post_sublayer_norms.map(|(_, mlp)| mlp));
             }
-            self.project(&self.lm_head, normed, p(&b.logits))?;
+            let head_input = NormedInput {
+                residual: first,
+                delta: mlp_output.map(|_| projected),
+                delta_weight: mlp_output.flatten(),
+                weight: self.final_norm,
+                residual_out: None,
+                normed_out: None,
+                eps,
+            };
+            self.project_normed(&self.lm_head, &head_input, p(&b.logits))?;
             k.argmax_rows(
                 p(&b.logits),
                 c.vocab_size,
@@ -483,6 +502,44 @@ impl<'m> CudaDecoder<'m> {
                 p(&b.argmax_scratch),
             )
             .map_err(kernel_error)
+        }
+    }
+
+    /// `y = x · Wᵀ` with x the step's rows that `input` describes: normalized by the GEMV itself where its kernel
+    /// can, else by the norm kernel into the `normed` buffer first.
+    ///
+    /// # Safety
+    /// `input`'s rows and weights are the step's buffers and the model's norms; `y` holds `batch` rows of the
+    /// weight's output width.
+    unsafe fn project_normed(
+        &self,
+        weight: &Projection<'_>,
+        input: &NormedInput,
+        y: DevicePointer,
+    ) -> Result<()> {
+        let dtype = self.kernels.dtype();
+        let launched = self.fused_norms
+            && match weight {
+                Projection::Nf4(w) => unsafe { w.gemv_normed_into(dtype, input, y, self.batch) },
+                &Projection::Dense { weight, n, k } => unsafe {
+                    self.kernels
+                        .gemv_dense_normed(weight, input, y, self.batch, n, k)
+                },
+            }
+            .map_err(kernel_error)?;
+        if launched {
+            return Ok(());
+        }
+        let normed = device_pointer(&self.buffers.normed, &self.dev);
+        let input = NormedInput {
+            normed_out: Some(normed),
+            ..*input
+        };
+        unsafe {
+            self.kernels
+                .residual_rms_norm(&input, self.batch, self.model.config().hidden_size)
+                .map_err(kernel_error)?;
+            self.project(weight, normed, y)
         }
     }
 
@@ -607,7 +664,7 @@ impl Buffers {
         let kv_width = c.num_key_value_heads * c.head_dim;
         let inv_freq: Vec<f32> = model.rotary.inv_freq.flatten_all()?.to_vec1()?;
         Ok(Self {
-            residual: alloc(c.hidden_size)?,
+            residuals: [alloc(c.hidden_size)?, alloc(c.hidden_size)?],
             normed: alloc(c.hidden_size)?,
             q_raw: alloc(q_width)?,
             k_raw: alloc(kv_width)?,
@@ -656,6 +713,11 @@ fn slice_pointer(
         other => return Err(unsupported(&format!("a {other:?} tensor"))),
     };
     Ok(base + (offset * dtype.size_in_bytes()) as u64)
+}
+
+/// `GLM_RUN_FUSED_NORMS=1`: see [`CudaDecoder::set_fused_norms`].
+fn fused_norms_from_env() -> bool {
+    std::env::var("GLM_RUN_FUSED_NORMS").is_ok_and(|v| v.trim() == "1")
 }
 
 fn unsupported(why: &str) -> GlmError {
