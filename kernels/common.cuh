@@ -261,9 +261,11 @@ __device__ void normalize_input_rows(const NormedInput<T> &in, T *xs, unsigned d
     const size_t row = (size_t)b * dim;
     uint4 *x = reinterpret_cast<uint4 *>(xs + row);
     const bool writer = blockIdx.x == 0;
+    // A delta norm without a delta adds nothing.
+    const T *const delta_weight = in.delta != nullptr ? in.delta_weight : nullptr;
 
     float delta_inv = 0.0f;
-    if (in.delta_weight != nullptr) {
+    if (delta_weight != nullptr) {
         float sq = 0.0f;
         for (unsigned base = first; base < count; base += N * stride) {
             Chunk<T> d[N];
@@ -280,7 +282,7 @@ __device__ void normalize_input_rows(const NormedInput<T> &in, T *xs, unsigned d
         Chunk<T> r[N], d[N], dw[N];
         load_chunks(r, in.residual + row, base, stride, count);
         if (in.delta != nullptr) load_chunks(d, in.delta + row, base, stride, count);
-        if (in.delta_weight != nullptr) load_chunks(dw, in.delta_weight, base, stride, count);
+        if (delta_weight != nullptr) load_chunks(dw, delta_weight, base, stride, count);
 #pragma unroll
         for (unsigned i = 0; i < N; ++i) {
             const unsigned c = base + i * stride;
@@ -288,7 +290,7 @@ __device__ void normalize_input_rows(const NormedInput<T> &in, T *xs, unsigned d
 #pragma unroll
             for (unsigned e = 0; e < VEC; ++e) {
                 const float added = in.delta == nullptr ? 0.0f
-                                    : in.delta_weight != nullptr
+                                    : delta_weight != nullptr
                                         ? to_f32(scale_row_value(to_f32(d[i].values[e]), delta_inv, dw[i].values[e]))
                                         : to_f32(d[i].values[e]);
                 r[i].values[e] = from_f32<T>(to_f32(r[i].values[e]) + added);

@@ -76,7 +76,7 @@ pub struct NormedInput {
     pub residual: DevicePointer,
     /// `[rows, dim]`: the sublayer output added to it; None adds nothing.
     pub delta: Option<DevicePointer>,
-    /// `[dim]`: the norm of `delta` before it is added (GLM-4-0414).
+    /// `[dim]`: the norm of `delta` before it is added (GLM-4-0414); ignored without a delta.
     pub delta_weight: Option<DevicePointer>,
     /// `[dim]`: the norm's weight.
     pub weight: DevicePointer,
@@ -89,6 +89,18 @@ pub struct NormedInput {
 }
 
 impl NormedInput {
+    /// Whether every buffer is 16-byte aligned, as the GEMVs' 16-byte loads and stores need (rows of a width
+    /// that keeps them aligned are the caller's check).
+    pub(crate) fn aligned(&self) -> bool {
+        [self.residual, self.weight]
+            .into_iter()
+            .chain(self.delta)
+            .chain(self.delta_weight)
+            .chain(self.residual_out)
+            .chain(self.normed_out)
+            .all(|p| p.is_multiple_of(16))
+    }
+
     /// The kernels' NORMED_INPUT_PARAMS, in order (null for None).
     pub(crate) fn push_args(&self, args: &mut KernelArgs) {
         args.arg(self.residual)
@@ -467,10 +479,7 @@ impl DecodeKernels {
         check_dense_rows(rows)?;
         let elem = self.dtype.size_in_bytes();
         let shared = rows * k * elem;
-        let aligned = (k * elem).is_multiple_of(16)
-            && [w, input.residual, input.weight]
-                .iter()
-                .all(|p| p.is_multiple_of(16));
+        let aligned = (k * elem).is_multiple_of(16) && w.is_multiple_of(16) && input.aligned();
         let stream = &self.stream;
         let threads = 32 * DENSE_WARPS;
         if !aligned || !allow_dynamic_shared(&self.gemv_dense_normed, stream, shared)? {

@@ -185,12 +185,7 @@ impl CudaNf4Tensor {
         rows: usize,
     ) -> Result<bool, KernelError> {
         let (n, k, suffix) = self.gemv_dims(dtype, rows)?;
-        let aligned = [input.residual, input.weight]
-            .into_iter()
-            .chain(input.delta)
-            .chain(input.delta_weight)
-            .all(|p| p.is_multiple_of(16));
-        if !self.takes_tiled_gemv(dtype) || !aligned {
+        if !self.takes_tiled_gemv(dtype) || !input.aligned() {
             return Ok(false);
         }
         let dev = self.cuda_device();
