@@ -89,7 +89,7 @@ pub fn generate_with(
     if let Some(finish) = choose(token, &mut context) {
         return Ok(Generation { tokens, finish });
     }
-    let mut decoder = Decoder::new(model, mode)?;
+    let mut decoder = Decoder::new(model, mode, sampler)?;
     loop {
         token = decoder.next(&mut cache, token, sampler, &context)?;
         if let Some(finish) = choose(token, &mut context) {
@@ -105,16 +105,14 @@ enum Decoder<'m> {
     #[cfg(feature = "cuda")]
     Fused {
         step: crate::model::CudaDecoder<'m>,
-        /// Whether the device's greedy argmax is the sampler's choice (no penalty, no sampling), so the
-        /// chosen token stays on the device for the next step.
+        /// Whether the device's greedy argmax is the sampler's choice (no penalty, no sampling): then the
+        /// chosen token stays on the device as the next step's input, and only the first step is given one.
         on_device: bool,
-        /// Whether the device holds the next input already.
-        primed: bool,
     },
 }
 
 impl<'m> Decoder<'m> {
-    fn new(model: &'m Model, mode: DecodeMode) -> Result<Self> {
+    fn new(model: &'m Model, mode: DecodeMode, sampler: &Sampler) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if mode != DecodeMode::Plain && model.device().is_cuda() {
             let launch = match mode {
@@ -123,18 +121,18 @@ impl<'m> Decoder<'m> {
             };
             match crate::model::CudaDecoder::new(model, 1, launch) {
                 Ok(step) => {
+                    let config = sampler.config();
                     return Ok(Decoder::Fused {
                         step,
-                        on_device: false,
-                        primed: false,
-                    })
+                        on_device: config.is_greedy() && config.repetition_penalty == 1.0,
+                    });
                 }
                 // Models the fused step does not cover decode op by op.
                 Err(GlmError::Unsupported(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        let _ = mode;
+        let _ = (mode, sampler);
         Ok(Decoder::Plain(model))
     }
 
@@ -153,22 +151,14 @@ impl<'m> Decoder<'m> {
                 Ok(sampler.sample_tensor(&logits, context)?)
             }
             #[cfg(feature = "cuda")]
-            Decoder::Fused {
-                step,
-                on_device,
-                primed,
-            } => {
-                if !*primed {
+            Decoder::Fused { step, on_device } => {
+                if !*on_device || step.steps() == 0 {
                     step.set_tokens(cache, &[token])?;
-                    let config = sampler.config();
-                    *on_device = config.is_greedy() && config.repetition_penalty == 1.0;
                 }
                 step.step(cache)?;
                 if *on_device {
-                    *primed = true;
                     return Ok(step.greedy_tokens()?[0]);
                 }
-                *primed = false;
                 Ok(sampler.sample_tensor(&step.logits()?, context)?)
             }
         }

@@ -55,21 +55,6 @@ impl StoredTensor {
     }
 }
 
-impl View for &StoredTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 impl View for StoredTensor {
     fn dtype(&self) -> Dtype {
         self.dtype

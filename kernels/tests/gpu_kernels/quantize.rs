@@ -128,21 +128,15 @@ fn gpu_quantized_weight_multiplies() {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    let diff = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (diff, scale) = (max_abs(&(got - &want).unwrap()), max_abs(&want));
     assert!(
         diff <= 2e-3 * scale,
         "GEMV of a GPU-quantized weight off by {diff} (scale {scale})"

@@ -194,6 +194,11 @@ impl<'m> CudaDecoder<'m> {
         })
     }
 
+    /// How many steps have run.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
     /// Whether the projection after each norm computes the norm itself (every block into its shared memory, no
     /// norm kernel between the two GEMVs) where its kernel can. Off unless `GLM_RUN_FUSED_NORMS=1`: the kernels
     /// were written in a session without device time and have not been run on a GPU yet
