@@ -8,8 +8,11 @@
 //!   `rope_ratio`, `layernorm_epsilon`, `add_qkv_bias`, ...).
 //!
 //! `rope_theta` and `partial_rotary_factor` may sit at top level (releases before transformers 5) or in
-//! `rope_parameters` / `rope_scaling` (transformers 5). Keys a release leaves out take the defaults of
-//! the matching transformers 5.17 config class. Eos ids from generation_config.json are merged in.
+//! `rope_parameters` / `rope_scaling` (transformers 5); where both are, the nested ones count, as in
+//! transformers 5 (which itself saves GlmConfig/Glm4Config with a stale top-level
+//! `partial_rotary_factor` of 0.5). Keys a release leaves out take the defaults of the matching
+//! transformers 5.17 config class (ChatGLM: of configuration_chatglm.py). Eos ids from
+//! generation_config.json are merged in.
 
 use std::fs;
 use std::path::Path;
@@ -84,6 +87,10 @@ pub struct Config {
     pub rope_theta: f64,
     /// Fraction of each head's dimensions that rotary embeddings rotate (the first ones).
     pub partial_rotary_factor: f64,
+    /// transformers' rotary `dim`, int(head_dim × partial_rotary_factor): the inverse frequencies are
+    /// theta^(-2i / rope_dim) for i < ceil(rope_dim / 2). GLM-4.1V takes head_dim here from its head_dim
+    /// key when there is one (its attention ignores the key, its rotary embedding does not).
+    pub rope_dim: usize,
     /// q, k and v projections carry a bias (the output projection never does).
     pub attention_bias: bool,
     pub tie_word_embeddings: bool,
@@ -158,9 +165,10 @@ impl Config {
         Ok(config)
     }
 
-    /// Number of leading dimensions of each head that rotary embeddings rotate.
+    /// Number of leading dimensions of each head that rotary embeddings rotate: a pair per inverse
+    /// frequency, so [`Config::rope_dim`] rounded up to even (as in transformers and modeling_chatglm.py).
     pub fn rotary_dim(&self) -> usize {
-        (self.head_dim as f64 * self.partial_rotary_factor) as usize
+        self.rope_dim.div_ceil(2) * 2
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
@@ -198,10 +206,11 @@ impl Config {
                 self.partial_rotary_factor
             ));
         }
-        let rotary = self.rotary_dim();
-        if rotary == 0 || !rotary.is_multiple_of(2) {
+        if self.rope_dim == 0 || self.rotary_dim() > self.head_dim {
             return fail(format!(
-                "rotary dimension head_dim × partial_rotary_factor = {rotary} must be even and positive"
+                "rotary dimension head_dim × partial_rotary_factor = {} must be positive and, rounded up \
+                 to even, at most head_dim ({})",
+                self.rope_dim, self.head_dim
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
@@ -225,6 +234,15 @@ fn parse_json<T: for<'de> Deserialize<'de>>(text: &str, path: &Path) -> Result<T
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Deserializes a key that is present, null or not, as Some (with `#[serde(default)]` for absent).
+fn present<'de, D, T>(deserializer: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::deserialize(deserializer).map(Some)
 }
 
 fn merge_ids(into: &mut Vec<u32>, extra: Vec<u32>) {
@@ -287,7 +305,9 @@ struct RawConfig {
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
     num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
+    /// Outer None: absent; Some(None): null (Glm4vTextConfig tells the two apart).
+    #[serde(default, deserialize_with = "present")]
+    num_key_value_heads: Option<Option<usize>>,
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
@@ -404,7 +424,8 @@ impl RawConfig {
         let hidden_size = require("hidden_size", self.hidden_size)?;
         let num_attention_heads = require("num_attention_heads", self.num_attention_heads)?;
         let glm4v = arch == Architecture::Glm4v;
-        let rope = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        // transformers 5 takes rope_scaling over rope_parameters, and the keys in them over top-level ones.
+        let rope = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref());
         if let Some(kind) = rope.and_then(|r| r.rope_type.as_deref().or(r.kind.as_deref())) {
             // GLM-4.1V writes "default" (its mrope sections reduce to plain rotary for text).
             if kind != "default" && !(glm4v && kind == "mrope") {
@@ -414,15 +435,24 @@ impl RawConfig {
                 });
             }
         }
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| rope.and_then(|r| r.rope_theta))
+        let rope_theta = rope
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
             .unwrap_or(10000.0);
         // GlmConfig/Glm4Config default partial_rotary_factor to 0.5; Glm4vTextConfig rotates whole heads.
-        let partial_rotary_factor = self
-            .partial_rotary_factor
-            .or_else(|| rope.and_then(|r| r.partial_rotary_factor))
+        let partial_rotary_factor = rope
+            .and_then(|r| r.partial_rotary_factor)
+            .or(self.partial_rotary_factor)
             .unwrap_or(if glm4v { 1.0 } else { 0.5 });
+        // Glm4vTextAttention ignores head_dim (its rotary embedding does not); GlmConfig/Glm4Config
+        // default it to 128.
+        let (head_dim, rope_head_dim) = if glm4v {
+            let natural = hidden_size / num_attention_heads;
+            (natural, self.head_dim.unwrap_or(natural))
+        } else {
+            let head_dim = self.head_dim.unwrap_or(128);
+            (head_dim, head_dim)
+        };
         Ok(Config {
             architecture: arch,
             vocab_size: require("vocab_size", self.vocab_size)?,
@@ -430,23 +460,19 @@ impl RawConfig {
             intermediate_size: require("intermediate_size", self.intermediate_size)?,
             num_hidden_layers: require("num_hidden_layers", self.num_hidden_layers)?,
             num_attention_heads,
-            // Class defaults: GlmConfig/Glm4Config 2, Glm4vTextConfig = num_attention_heads.
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(if glm4v {
-                num_attention_heads
-            } else {
-                2
-            }),
-            // Glm4vTextAttention ignores head_dim; GlmConfig/Glm4Config default it to 128.
-            head_dim: if glm4v {
-                hidden_size / num_attention_heads
-            } else {
-                self.head_dim.unwrap_or(128)
+            // The class default is 2; Glm4vTextConfig turns an explicit null into num_attention_heads.
+            num_key_value_heads: match self.num_key_value_heads {
+                Some(Some(n)) => n,
+                Some(None) if glm4v => num_attention_heads,
+                _ => 2,
             },
+            head_dim,
             rms_norm_eps: self
                 .rms_norm_eps
                 .unwrap_or(if glm4v { 1e-5 } else { 1.5625e-7 }),
             rope_theta,
             partial_rotary_factor,
+            rope_dim: (rope_head_dim as f64 * partial_rotary_factor) as usize,
             // Glm4vTextAttention always has q/k/v biases.
             attention_bias: glm4v || self.attention_bias.unwrap_or(true),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
@@ -495,11 +521,13 @@ impl RawConfig {
         let hidden_size = require("hidden_size", self.hidden_size)?;
         let num_attention_heads = require("num_attention_heads", self.num_attention_heads)?;
         let grouped = self.multi_query_attention.unwrap_or(false);
+        // Keys left out take ChatGLMConfig's defaults (multi_query_group_num 1, kv_channels 128).
         let num_key_value_heads = if grouped {
-            require("multi_query_group_num", self.multi_query_group_num)?
+            self.multi_query_group_num.unwrap_or(1)
         } else {
             num_attention_heads
         };
+        let head_dim = self.kv_channels.unwrap_or(128);
         let vocab_size =
             self.padded_vocab_size
                 .or(self.vocab_size)
@@ -515,13 +543,12 @@ impl RawConfig {
             num_hidden_layers: require("num_layers", self.num_layers.or(self.num_hidden_layers))?,
             num_attention_heads,
             num_key_value_heads,
-            head_dim: self
-                .kv_channels
-                .unwrap_or(hidden_size / num_attention_heads),
+            head_dim,
             rms_norm_eps: self.layernorm_epsilon.unwrap_or(1e-5),
             // modeling_chatglm.py: base = 10000 * rope_ratio, on half of each head.
             rope_theta: 10000.0 * self.rope_ratio.unwrap_or(1.0),
             partial_rotary_factor: 0.5,
+            rope_dim: head_dim / 2,
             attention_bias: self.add_qkv_bias.unwrap_or(false),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             max_position_embeddings: self.seq_length.unwrap_or(2048),

@@ -65,10 +65,12 @@ struct Rotary {
 impl Rotary {
     fn new(config: &Config, device: &Device) -> Result<Self> {
         let dim = config.rotary_dim();
-        // transformers computes base ** (arange(0, dim, 2) / dim) in f32; so do we, to match its tables.
+        // transformers computes base ** (arange(0, rope_dim, 2) / rope_dim) in f32; so do we, to match its
+        // tables (an odd rope_dim rotates one more dimension than it names).
         let theta = config.rope_theta as f32;
+        let rope_dim = config.rope_dim as f32;
         let inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / rope_dim))
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
         Ok(Self { inv_freq, dim })

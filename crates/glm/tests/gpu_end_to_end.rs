@@ -479,6 +479,12 @@ mod decode_step {
             ("chatglm", DType::BF16, true, false),
             ("glm4-nf4", DType::F16, false, false),
             ("glm4", DType::F32, true, true),
+            // Config styles the differential sweep against transformers found (odd rotary dims, MQA,
+            // widths the tiled GEMV does not take, ChatGLM's default keys).
+            ("glm4-rotary", DType::F32, false, false),
+            ("glm4-rotary", DType::F16, true, false),
+            ("glm4v-head-dim", DType::BF16, false, false),
+            ("chatglm-defaults", DType::F16, true, false),
         ] {
             let model =
                 Model::load(fixture(name), &gpu_options(&gpu, dtype, quantize, lean)).unwrap();
@@ -591,6 +597,8 @@ mod decode_step {
             ("glm4v", DType::F16, false, 5e-3),
             ("chatglm", DType::BF16, true, 2e-2),
             ("glm4-nf4", DType::F16, false, 5e-3),
+            ("glm4-rotary", DType::F16, true, 5e-3),
+            ("chatglm-defaults", DType::BF16, false, 2e-2),
         ] {
             let what = format!("{name} {dtype:?} quantize={quantize}");
             let model =

@@ -125,6 +125,26 @@ fn rope_keys_are_found_at_top_level_or_nested() {
     .unwrap();
     assert_eq!(top, nested);
     assert_eq!((top.rope_theta, top.rotary_dim()), (500.0, 4));
+    // Both: transformers 5 takes the nested values (it writes a stale top-level partial_rotary_factor of
+    // 0.5 itself), and rope_scaling over rope_parameters.
+    let both = Config::from_json(
+        &format!(
+            r#"{{{base}, "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_parameters":
+            {{"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}}}}"#
+        ),
+        path,
+    )
+    .unwrap();
+    assert_eq!(both, nested);
+    let scaling = Config::from_json(
+        &format!(
+            r#"{{{base}, "rope_parameters": {{"rope_type": "default", "rope_theta": 10000.0}},
+            "rope_scaling": {{"type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}}}}"#
+        ),
+        path,
+    )
+    .unwrap();
+    assert_eq!(scaling, nested);
     // Absent: transformers' GlmConfig/Glm4Config defaults.
     let default = Config::from_json(&format!("{{{base}}}"), path).unwrap();
     assert_eq!(
@@ -141,6 +161,40 @@ fn rope_keys_are_found_at_top_level_or_nested() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("yarn"), "{err}");
+}
+
+#[test]
+fn defaults_and_rotary_dims_follow_transformers() {
+    // int(20 × 0.25) = 5: three inverse frequencies, six dimensions rotated.
+    let glm4 = Config::from_model_dir(fixture("glm4-rotary")).unwrap();
+    assert_eq!(
+        (glm4.partial_rotary_factor, glm4.rope_dim, glm4.rotary_dim()),
+        (0.25, 5, 6)
+    );
+    // GLM-4.1V: heads of hidden_size / num_attention_heads, rotary sized by the head_dim key;
+    // num_key_value_heads left out is Glm4vTextConfig's 2, an explicit null num_attention_heads.
+    let glm4v = Config::from_model_dir(fixture("glm4v-head-dim")).unwrap();
+    assert_eq!(
+        (glm4v.head_dim, glm4v.rope_dim, glm4v.num_key_value_heads),
+        (16, 6, 2)
+    );
+    let dir = copy_fixture("glm4v-head-dim");
+    edit_config(dir.path(), |c| {
+        c["text_config"]["num_key_value_heads"] = serde_json::Value::Null
+    });
+    let null_kv = Config::from_model_dir(dir.path()).unwrap();
+    assert_eq!(null_kv.num_key_value_heads, null_kv.num_attention_heads);
+    // ChatGLMConfig's defaults: kv_channels 128, multi_query_group_num 1; rotary on half of each head.
+    let chatglm = Config::from_model_dir(fixture("chatglm-defaults")).unwrap();
+    assert_eq!(
+        (
+            chatglm.head_dim,
+            chatglm.num_key_value_heads,
+            chatglm.rope_dim
+        ),
+        (128, 1, 64)
+    );
+    assert_eq!(chatglm.rope_theta, 10000.0 * 500.0);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The decoder against transformers (and transformers+bitsandbytes) on the tiny fixture models made by
 //! tests/fixtures/make_model_fixtures.py: logits of the prefill and of every decode step, 32-step
-//! greedy continuations, the KV cache against full recompute, batches, f16/bf16, NF4.
+//! greedy continuations, the KV cache against full recompute, batches, f16/bf16, NF4. An ignored test
+//! runs the same f32 checks over the cases of the differential sweep tests/fixtures/sweep_configs.py.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use glm::{Architecture, LoadOptions, Model};
@@ -11,18 +13,19 @@ mod common;
 
 use common::{fixture, greedy, max_abs, row, teacher_forced};
 
+/// Decode steps of the fixtures' references (sweep cases record fewer).
 const STEPS: usize = 32;
 /// The bound for f32: max |ours - transformers| ≤ 1e-4 × max |logit|.
 const F32_TOLERANCE: f32 = 1e-4;
 
-/// What transformers recorded for two prompts of a fixture.
+/// What transformers recorded for the prompts of a fixture (two) or sweep case.
 struct Reference {
     prompts: Vec<Vec<u32>>,
     /// Per prompt: logits at every prompt position, [prompt_len, vocab].
     prefill: Vec<Tensor>,
-    /// Per prompt: logits after feeding each greedy token, [STEPS, vocab].
+    /// Per prompt: logits after feeding each greedy token, [decode steps, vocab].
     decode: Vec<Tensor>,
-    /// Per prompt: the 32 greedy tokens.
+    /// Per prompt: the greedy tokens, one per decode step.
     greedy: Vec<Vec<u32>>,
     /// max |logit| over everything recorded.
     scale: f32,
@@ -37,7 +40,12 @@ fn ids(t: &Tensor) -> Vec<Vec<u32>> {
 }
 
 fn reference(name: &str) -> Reference {
-    let path = fixture(name).join("reference.safetensors");
+    reference_at(&fixture(name))
+}
+
+/// The reference of the model directory `dir`.
+fn reference_at(dir: &Path) -> Reference {
+    let path = dir.join("reference.safetensors");
     let t: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let per_prompt = |key: &str| -> Vec<Tensor> {
         let all = &t[key];
@@ -86,7 +94,7 @@ fn check_logits(model: &Model, r: &Reference, bound: f32, what: &str) -> f32 {
         let p = max_diff(&prefill, &r.prefill[i]);
         let d = max_diff(&decode, &r.decode[i]);
         // Decode steps one by one, so a failure names the step.
-        for step in 0..STEPS {
+        for step in 0..decode.dim(0).unwrap() {
             let diff = max_diff(&decode.get(step).unwrap(), &r.decode[i].get(step).unwrap());
             assert!(
                 diff <= bound,
@@ -106,18 +114,51 @@ fn check_logits(model: &Model, r: &Reference, bound: f32, what: &str) -> f32 {
     worst
 }
 
-fn check_f32_fixture(name: &str, arch: Architecture) {
-    let model = load(name, LoadOptions::default());
-    assert_eq!(model.config().architecture, arch);
-    let r = reference(name);
-    check_logits(&model, &r, F32_TOLERANCE * r.scale, name);
+/// Loads the model directory `dir` in f32 and checks it against its reference: logits within
+/// [`F32_TOLERANCE`] of the scale, the same greedy tokens.
+fn check_f32_dir(dir: &Path) -> Model {
+    let what = dir.file_name().unwrap().to_string_lossy();
+    let model = Model::load(dir, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    let r = reference_at(dir);
+    check_logits(&model, &r, F32_TOLERANCE * r.scale, &what);
     for (i, prompt) in r.prompts.iter().enumerate() {
         assert_eq!(
-            greedy(&model, prompt, STEPS),
+            greedy(&model, prompt, r.greedy[i].len()),
             r.greedy[i],
-            "{name}: greedy tokens, prompt {i}"
+            "{what}: greedy tokens, prompt {i}"
         );
     }
+    model
+}
+
+fn check_f32_fixture(name: &str, arch: Architecture) {
+    let model = check_f32_dir(&fixture(name));
+    assert_eq!(model.config().architecture, arch);
+}
+
+/// The differential sweep of tests/fixtures/sweep_configs.py: every case directory listed in
+/// GLM_SWEEP_DIRS (separated by ':') must match transformers as a fixture does. Each failure is printed
+/// as it happens; the test fails at the end, naming every case that did.
+#[test]
+#[ignore = "needs GLM_SWEEP_DIRS, made by tests/fixtures/sweep_configs.py"]
+fn sweep_cases_match_transformers() {
+    let dirs = std::env::var_os("GLM_SWEEP_DIRS").expect(
+        "GLM_SWEEP_DIRS: case directories of tests/fixtures/sweep_configs.py, ':'-separated",
+    );
+    let dirs: Vec<_> = std::env::split_paths(&dirs).collect();
+    let failed: Vec<String> = dirs
+        .iter()
+        .filter(|dir| std::panic::catch_unwind(|| check_f32_dir(dir)).is_err())
+        .map(|dir| dir.display().to_string())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} sweep cases disagree with transformers:\n{}",
+        failed.len(),
+        dirs.len(),
+        failed.join("\n")
+    );
 }
 
 #[test]
@@ -138,6 +179,26 @@ fn glm4v_text_decoder_matches_transformers() {
 #[test]
 fn chatglm_layout_matches_equivalent_glm() {
     check_f32_fixture("chatglm", Architecture::ChatGlm);
+}
+
+#[test]
+fn glm4_partial_rotary_as_transformers_5_saves_it() {
+    // config.json as transformers 5 writes it: rope_parameters' partial_rotary_factor 0.25 beside a stale
+    // top-level 0.5; and the rotary dim int(20 × 0.25) = 5 is odd.
+    check_f32_fixture("glm4-rotary", Architecture::Glm4);
+}
+
+#[test]
+fn glm4v_rotary_takes_the_head_dim_key() {
+    // text_config's head_dim (12) sizes the rotary embedding but not the heads (16); num_key_value_heads
+    // is left out.
+    check_f32_fixture("glm4v-head-dim", Architecture::Glm4v);
+}
+
+#[test]
+fn chatglm_default_keys_match_equivalent_glm() {
+    // kv_channels and multi_query_group_num left out of config.json.
+    check_f32_fixture("chatglm-defaults", Architecture::ChatGlm);
 }
 
 #[test]

@@ -142,11 +142,9 @@ impl<'m> CudaDecoder<'m> {
                 glm_kernels::NORM_MAX_DIM
             )));
         }
-        if !c.head_dim.is_multiple_of(2)
-            || !c.rotary_dim().is_multiple_of(2)
-            || c.rotary_dim() > c.head_dim
-        {
-            return Err(unsupported("an odd head or rotary dimension"));
+        // The rotary dimension is even and within the head (Config::validate).
+        if !c.head_dim.is_multiple_of(2) {
+            return Err(unsupported("an odd head dimension"));
         }
         let dtype = model.dtype();
         let kernels = DecodeKernels::new(dev, dtype).map_err(kernel_error)?;
