@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-pub const FIXTURES: [&str; 5] = ["glm", "glm4", "glm4v", "chatglm", "glm4-nf4"];
+pub const FIXTURES: [&str; 6] = ["glm", "glm4", "glm4v", "chatglm", "glm4-nf4", "chatglm-nf4"];
 
 /// Below this top-1/top-2 logit margin another runtime's rounding may pick the other token, so greedy
 /// tokens are compared with transformers' only up to the first step this close (eval.py's advice).

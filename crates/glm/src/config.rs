@@ -383,11 +383,17 @@ impl RawConfig {
         let Some(value) = &self.quantization_config else {
             return Ok(None);
         };
-        let config: nf4::QuantizationConfig =
-            serde_json::from_value(value.clone()).map_err(|e| GlmError::Config {
-                path: path.to_path_buf(),
-                message: format!("quantization_config: {e}"),
-            })?;
+        let config_error = |message| GlmError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let config: nf4::QuantizationConfig = serde_json::from_value(value.clone())
+            .map_err(|e| config_error(format!("quantization_config: {e}")))?;
+        // Refuse what cannot run (another method, 8 bits, an unknown storage dtype) here, naming
+        // config.json, rather than at the first weight it stores differently.
+        config
+            .quant_options()
+            .map_err(|e| config_error(e.to_string()))?;
         Ok(Some(config))
     }
 

@@ -478,11 +478,20 @@ impl<'a> WeightLoader<'a> {
     /// Dtype to read decoder linear weights in: see [`Self::to_quantize_dtype`] when they are to be
     /// quantized, else the compute dtype.
     fn linear_weight_dtype(&self) -> Option<DType> {
-        if self.options.quantize.is_some() {
+        if self.quantize_at_load().is_some() {
             self.to_quantize_dtype()
         } else {
             Some(self.options.dtype)
         }
+    }
+
+    /// The options to quantize decoder linear weights with at load: none for a checkpoint stored in 4 bits,
+    /// whose dense ones were left so on purpose (`llm_int8_skip_modules`).
+    fn quantize_at_load(&self) -> Option<&nf4::QuantOptions> {
+        self.options
+            .quantize
+            .as_ref()
+            .filter(|_| self.config.quantization.is_none())
     }
 
     /// Reads `name` onto `device`, checks its shape and converts it to `dtype` (None: as stored).
@@ -593,6 +602,11 @@ impl<'a> WeightLoader<'a> {
             "lm_head.weight".to_string()
         };
         let shape = [self.config.vocab_size, self.config.hidden_size];
+        // transformers quantizes the head too when llm_int8_skip_modules is given without it.
+        if nf4::is_quantized(&name, self.checkpoint.tensor_names()) {
+            let base = name.trim_end_matches(".weight");
+            return self.projection(base, shape[0], shape[1], false).map(Some);
+        }
         match self.lm_head_quantization()? {
             Some(opts) => {
                 // Quantizing on the GPU holds the full-precision copy there beside everything loaded
@@ -682,34 +696,16 @@ impl<'a> WeightLoader<'a> {
             return Ok((proj("q", q_out)?, proj("k", kv_out)?, proj("v", kv_out)?));
         }
         let base = format!("{prefix}self_attention.query_key_value");
-        if self.has_quant_state(&format!("{base}.weight")) {
-            return Err(GlmError::Unsupported(format!(
-                "{base} in {} is stored in 4 bits: a fused ChatGLM query_key_value cannot be split \
-                 without dequantizing; load the dense glm-4-9b-chat checkpoint with 4-bit quantization \
-                 at load instead",
-                self.path_of(&format!("{base}.weight")).display()
-            )));
-        }
+        let name = format!("{base}.weight");
         let rows = q_out + 2 * kv_out;
-        let weight = self.dense_as(
-            &format!("{base}.weight"),
-            &[rows, c.hidden_size],
-            self.linear_weight_dtype(),
-            &self.options.device,
-        )?;
-        let bias = if c.attention_bias {
-            Some(self.dense(&format!("{base}.bias"), &[rows])?)
-        } else {
-            None
-        };
         let split = |t: &Tensor| -> Result<[Tensor; 3]> {
-            if c.chatglm_grouped_qkv {
+            let [q, k, v] = if c.chatglm_grouped_qkv {
                 // multi_query_attention: rows are [q | k | v].
-                Ok([
+                [
                     t.narrow(0, 0, q_out)?,
                     t.narrow(0, q_out, kv_out)?,
                     t.narrow(0, q_out + kv_out, kv_out)?,
-                ])
+                ]
             } else {
                 // Without it, rows are per head [q_h | k_h | v_h] (modeling_chatglm.py's view(np, 3*hn)).
                 let rest = &t.dims()[1..];
@@ -721,29 +717,91 @@ impl<'a> WeightLoader<'a> {
                     out.extend_from_slice(rest);
                     Ok(t.narrow(1, i, 1)?.reshape(out)?)
                 };
-                Ok([part(0)?, part(1)?, part(2)?])
-            }
+                [part(0)?, part(1)?, part(2)?]
+            };
+            Ok([q.contiguous()?, k.contiguous()?, v.contiguous()?])
         };
+        // The bias stays dense, also beside a 4-bit weight.
+        let [bq, bk, bv] = match c.attention_bias {
+            true => split(&self.dense(&format!("{base}.bias"), &[rows])?)?.map(Some),
+            false => [None, None, None],
+        };
+        if let Some(fused) = self.read_nf4(&name)? {
+            self.check_nf4_shape(&fused, &name, &[rows, c.hidden_size])?;
+            let [wq, wk, wv] = self.split_nf4_qkv(&fused, &name)?;
+            return Ok((
+                self.packed_linear(wq, bq, &name)?,
+                self.packed_linear(wk, bk, &name)?,
+                self.packed_linear(wv, bv, &name)?,
+            ));
+        }
+        let weight = self.dense_as(
+            &name,
+            &[rows, c.hidden_size],
+            self.linear_weight_dtype(),
+            &self.options.device,
+        )?;
         let [wq, wk, wv] = split(&weight)?;
-        let (bq, bk, bv) = match bias.as_ref().map(split).transpose()? {
-            Some([bq, bk, bv]) => (Some(bq), Some(bk), Some(bv)),
-            None => (None, None, None),
-        };
-        let make = |w: Tensor, b: Option<Tensor>| -> Result<Linear> {
-            let b = b.map(|b| b.contiguous()).transpose()?;
-            self.make_linear(w.contiguous()?, b, &base)
-        };
+        let make = |w: Tensor, b: Option<Tensor>| self.make_linear(w, b, &base);
         Ok((make(wq, bq)?, make(wk, bk)?, make(wv, bv)?))
     }
 
-    /// True when `weight` has a bitsandbytes quant state beside it.
-    fn has_quant_state(&self, weight: &str) -> bool {
-        ["bitsandbytes__nf4", "bitsandbytes__fp4"]
-            .iter()
-            .any(|kind| {
-                self.checkpoint
-                    .contains(&format!("{weight}.quant_state.{kind}"))
-            })
+    /// The q, k and v rows of ChatGLM's fused 4-bit `query_key_value` (`name`), cut out of its stored codes
+    /// and scales (see [`nf4::Nf4Tensor::slice_rows`]), so they equal bitsandbytes' dequantization.
+    fn split_nf4_qkv(&self, fused: &nf4::Nf4Tensor, name: &str) -> Result<[nf4::Nf4Tensor; 3]> {
+        let c = self.config;
+        let (q_out, kv_out, head_dim) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+            c.head_dim,
+        );
+        let part = |i: usize| -> std::result::Result<nf4::Nf4Tensor, nf4::Nf4Error> {
+            if c.chatglm_grouped_qkv {
+                // [q | k | v]
+                let starts = [0, q_out, q_out + kv_out];
+                let len = if i == 0 { q_out } else { kv_out };
+                fused.slice_rows(starts[i]..starts[i] + len)
+            } else {
+                // Per head [q_h | k_h | v_h]: part i of every head, joined.
+                let heads = (0..c.num_attention_heads)
+                    .map(|h| {
+                        let start = (3 * h + i) * head_dim;
+                        fused.slice_rows(start..start + head_dim)
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                nf4::Nf4Tensor::concat_rows(&heads)
+            }
+        };
+        let refused = |e: nf4::Nf4Error| {
+            GlmError::Unsupported(format!(
+                "{name} in {} is stored in 4 bits and cannot be split into q, k and v without \
+                 dequantizing: {e}; load the dense checkpoint with 4-bit quantization at load instead",
+                self.path_of(name).display()
+            ))
+        };
+        Ok([
+            part(0).map_err(refused)?,
+            part(1).map_err(refused)?,
+            part(2).map_err(refused)?,
+        ])
+    }
+
+    /// Fails unless the 4-bit weight `name` has the shape config.json implies.
+    fn check_nf4_shape(
+        &self,
+        packed: &nf4::Nf4Tensor,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<()> {
+        if packed.shape() == expected {
+            return Ok(());
+        }
+        Err(GlmError::ShapeMismatch {
+            path: self.path_of(name),
+            name: name.to_string(),
+            found: packed.shape().to_vec(),
+            expected: expected.to_vec(),
+        })
     }
 
     /// A linear layer `base.weight` [out, inp] (+ `base.bias` [out]), dense or 4-bit.
@@ -755,14 +813,7 @@ impl<'a> WeightLoader<'a> {
         };
         let name = format!("{base}.weight");
         if let Some(packed) = self.read_nf4(&name)? {
-            if packed.shape() != [out, inp] {
-                return Err(GlmError::ShapeMismatch {
-                    path: self.path_of(&name),
-                    name,
-                    found: packed.shape().to_vec(),
-                    expected: vec![out, inp],
-                });
-            }
+            self.check_nf4_shape(&packed, &name, &[out, inp])?;
             return self.packed_linear(packed, bias, &name);
         }
         let weight = self.dense_as(
@@ -777,7 +828,7 @@ impl<'a> WeightLoader<'a> {
     /// Wraps a weight read in [`Self::linear_weight_dtype`]: quantized when the options ask for 4 bits,
     /// else as it is.
     fn make_linear(&self, weight: Tensor, bias: Option<Tensor>, base: &str) -> Result<Linear> {
-        match &self.options.quantize {
+        match self.quantize_at_load() {
             Some(opts) => self.quantized_linear(weight, bias, &format!("{base}.weight"), opts),
             None => Linear::dense(weight, bias),
         }
@@ -859,17 +910,21 @@ impl<'a> WeightLoader<'a> {
             self.checkpoint.release(&key);
         }
         // Packed bytes without a quant state cannot be decoded: say so rather than report a bad shape.
-        if packed.is_none()
-            && self.config.quantization.is_some()
-            && self
+        // They are U8, or [bytes / size, 1] in another bnb_4bit_quant_storage dtype.
+        if let (None, Some(quant)) = (&packed, &self.config.quantization) {
+            if self
                 .checkpoint
                 .view(name)
-                .is_ok_and(|v| v.dtype() == StDtype::U8)
-        {
-            return Err(nf4_error(nf4::Nf4Error::MissingTensor {
-                key: format!("{name}.quant_state.bitsandbytes__nf4"),
-                weight: name.to_string(),
-            }));
+                .is_ok_and(|v| v.dtype() == StDtype::U8 || matches!(v.shape(), [_, 1]))
+            {
+                return Err(nf4_error(nf4::Nf4Error::MissingTensor {
+                    key: format!(
+                        "{name}.quant_state.bitsandbytes__{}",
+                        quant.bnb_4bit_quant_type
+                    ),
+                    weight: name.to_string(),
+                }));
+            }
         }
         Ok(packed)
     }

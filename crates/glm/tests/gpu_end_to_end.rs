@@ -126,8 +126,20 @@ mod tokens {
             check_fixture(&gpu, name, &options(DType::F32, true), 1e-4);
         }
         check_fixture(&gpu, "glm4", &options(DType::F16, true), 5e-3);
-        // ... and stored in 4 bits by bitsandbytes, uploaded as stored.
-        check_fixture(&gpu, "glm4-nf4", &options(DType::F32, false), 1e-4);
+        // ... and stored in 4 bits by bitsandbytes, uploaded as stored (ChatGLM's fused q/k/v cut into
+        // three 4-bit weights on the host first).
+        for name in ["glm4-nf4", "chatglm-nf4", "chatglm-mha-nf4"] {
+            check_fixture(&gpu, name, &options(DType::F32, false), 1e-4);
+        }
+        // fp4 has no CUDA kernel: a clear refusal naming it, not a wrong answer.
+        let on_gpu = LoadOptions {
+            device: gpu.clone(),
+            ..options(DType::F32, false)
+        };
+        let Err(error) = Model::load(fixture("glm4-fp4"), &on_gpu) else {
+            panic!("an fp4 checkpoint on the GPU must be refused");
+        };
+        assert!(error.to_string().contains("fp4"), "{error}");
         // The minimum-memory options: a 4-bit lm_head (here a tied one) and the table in host memory.
         let lean = LoadOptions {
             quantize_lm_head: true,
@@ -485,6 +497,7 @@ mod decode_step {
             ("glm4-rotary", DType::F16, true, false),
             ("glm4v-head-dim", DType::BF16, false, false),
             ("chatglm-defaults", DType::F16, true, false),
+            ("chatglm-nf4", DType::F16, false, false),
         ] {
             let model =
                 Model::load(fixture(name), &gpu_options(&gpu, dtype, quantize, lean)).unwrap();

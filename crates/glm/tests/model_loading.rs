@@ -394,6 +394,49 @@ fn nf4_weight_without_quant_state_is_named() {
         msg.contains("model.layers.1.mlp.down_proj.weight.absmax"),
         "{msg}"
     );
+
+    // FP4 codes stored as bf16 (bnb_4bit_quant_storage) are recognised as packed too.
+    let dir = copy_fixture("glm4-fp4");
+    edit_weights(dir.path(), |t| {
+        t.remove("model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__fp4");
+    });
+    let msg = load_err(dir.path()).to_string();
+    assert!(
+        msg.contains("model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__fp4"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn quantization_we_cannot_run_is_refused_naming_config_json() {
+    // Refused when config.json is read, before any weight, naming the file and the setting.
+    let cases: [(&str, serde_json::Value); 3] = [
+        (
+            "load_in_4bit",
+            serde_json::json!({"load_in_4bit": false, "load_in_8bit": true}),
+        ),
+        (
+            "quant_method \"gptq\"",
+            serde_json::json!({"quant_method": "gptq"}),
+        ),
+        (
+            "bnb_4bit_quant_storage \"int4\"",
+            serde_json::json!({"bnb_4bit_quant_storage": "int4"}),
+        ),
+    ];
+    for (setting, change) in cases {
+        let dir = copy_fixture("glm4-nf4");
+        edit_config(dir.path(), |c| {
+            for (key, value) in change.as_object().unwrap() {
+                c["quantization_config"][key] = value.clone();
+            }
+        });
+        let msg = load_err(dir.path()).to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains(setting),
+            "{msg}"
+        );
+    }
 }
 
 #[test]

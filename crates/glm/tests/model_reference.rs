@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use glm::pipeline::{Glm, RunOptions};
+use glm::plan::Precision;
 use glm::{Architecture, LoadOptions, Model};
 
 mod common;
@@ -137,9 +139,70 @@ fn check_f32_fixture(name: &str, arch: Architecture) {
     assert_eq!(model.config().architecture, arch);
 }
 
+/// The tensors of every safetensors file of the model directory `dir`, by name.
+fn load_tensors(dir: &Path) -> HashMap<String, Tensor> {
+    let mut tensors = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy();
+        if name.starts_with("model") && name.ends_with(".safetensors") {
+            tensors.extend(candle_core::safetensors::load(&path, &Device::Cpu).unwrap());
+        }
+    }
+    tensors
+}
+
+/// For a 4-bit sweep case (reference.json names the dense case beside it and the dtype transformers
+/// loaded it in to quantize): every stored 4-bit weight has the bytes nf4 quantizes the dense weight to,
+/// in that dtype, with the stored options, as quantizing at load does.
+fn check_quantized_like_bitsandbytes(dir: &Path) {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let case = &summary["case"];
+    let Some(dense) = case["quantized_from"].as_str() else {
+        return;
+    };
+    let load_dtype = match case["quant"]["dtype"].as_str() {
+        Some("bfloat16") => DType::BF16,
+        Some("float16") => DType::F16,
+        _ => DType::F32,
+    };
+    let dense = load_tensors(&dir.parent().unwrap().join(dense));
+    let stored = glm::Checkpoint::open(dir).unwrap();
+    let names = nf4::quantized_weight_names(stored.tensor_names());
+    assert!(!names.is_empty(), "{}: no 4-bit weights", dir.display());
+    for name in names {
+        let packed = nf4::Nf4Tensor::read(&name, |key| stored.view(key).ok())
+            .unwrap()
+            .unwrap();
+        let values = dense[&name]
+            .to_dtype(load_dtype)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        let ours =
+            nf4::Nf4Tensor::quantize_f32(&values, packed.shape(), &packed.options()).unwrap();
+        assert_eq!(
+            ours.packed(),
+            packed.packed(),
+            "{}: {name} codes",
+            dir.display()
+        );
+        assert_eq!(
+            ours.absmax_state(),
+            packed.absmax_state(),
+            "{}: {name} absmax",
+            dir.display()
+        );
+    }
+}
+
 /// The differential sweep of tests/fixtures/sweep_configs.py: every case directory listed in
-/// GLM_SWEEP_DIRS (separated by ':') must match transformers as a fixture does. Each failure is printed
-/// as it happens; the test fails at the end, naming every case that did.
+/// GLM_SWEEP_DIRS (separated by ':') must match transformers as a fixture does, and a 4-bit case's weights
+/// must be what quantizing its dense case at load gives. Each failure is printed as it happens; the test
+/// fails at the end, naming every case that did.
 #[test]
 #[ignore = "needs GLM_SWEEP_DIRS, made by tests/fixtures/sweep_configs.py"]
 fn sweep_cases_match_transformers() {
@@ -149,7 +212,13 @@ fn sweep_cases_match_transformers() {
     let dirs: Vec<_> = std::env::split_paths(&dirs).collect();
     let failed: Vec<String> = dirs
         .iter()
-        .filter(|dir| std::panic::catch_unwind(|| check_f32_dir(dir)).is_err())
+        .filter(|dir| {
+            std::panic::catch_unwind(|| {
+                check_f32_dir(dir);
+                check_quantized_like_bitsandbytes(dir);
+            })
+            .is_err()
+        })
         .map(|dir| dir.display().to_string())
         .collect();
     assert!(
@@ -352,6 +421,79 @@ fn half_precision_stays_close() {
 }
 
 #[test]
+fn chatglm_nf4_checkpoints_match_bitsandbytes() {
+    // ChatGLM saved in 4 bits by transformers + bitsandbytes: the fused query_key_value is split into q,
+    // k and v on its stored codes, for glm-4-9b-chat's [q | k | v] rows and for per-head ones.
+    for name in ["chatglm-nf4", "chatglm-mha-nf4"] {
+        let model = check_f32_dir(&fixture(name));
+        let c = model.config();
+        assert_eq!(c.architecture, Architecture::ChatGlm);
+        assert_eq!(c.chatglm_grouped_qkv, name == "chatglm-nf4");
+        assert!(c.quantization.is_some(), "{name}");
+        // Every stored tensor was read (the rotary table aside): nothing of the quant state is left over.
+        assert!(
+            model.load_notes().is_empty(),
+            "{name}: {:?}",
+            model.load_notes()
+        );
+    }
+}
+
+#[test]
+fn chatglm_nf4_qkv_that_cannot_be_cut_is_refused() {
+    // The chatglm fixture with its query_key_value weights stored in 4 bits (double quant): its key rows
+    // 128..192 end at element 192 × 128 = 24576, inside a nested group of 64 × 256 absmax codes, so q, k
+    // and v cannot be cut out of the stored codes exactly.
+    let src = fixture("chatglm");
+    let dense =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors = Vec::new();
+    for (name, t) in &dense {
+        let values = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        if name.ends_with("query_key_value.weight") {
+            let opts = nf4::QuantOptions::default();
+            let packed = nf4::Nf4Tensor::quantize_f32(&values, t.dims(), &opts).unwrap();
+            tensors.extend(packed.to_safetensors_tensors(name));
+        } else {
+            let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let stored = nf4::StoredTensor {
+                dtype: nf4::Dtype::F32,
+                shape: t.dims().to_vec(),
+                data,
+            };
+            tensors.push((name.clone(), stored));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("model.safetensors");
+    nf4::save_file(&weights, tensors).unwrap();
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
+            .unwrap()
+    };
+    let mut config = read("chatglm");
+    config["quantization_config"] = read("chatglm-nf4")["quantization_config"].clone();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = Model::load(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "transformer.encoder.layers.0.self_attention.query_key_value.weight",
+        weights.to_str().unwrap(),
+        "rows 128..192",
+        "element 24576",
+        "16384",
+        "load the dense checkpoint",
+    ] {
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    }
+}
+
+#[test]
 fn nf4_checkpoint_matches_transformers_bitsandbytes() {
     let model = load("glm4-nf4", LoadOptions::default());
     assert!(model.config().quantization.is_some());
@@ -416,6 +558,32 @@ fn nf4_in_half_precision_stays_close() {
             &format!("glm4-nf4 {dtype:?}"),
         );
     }
+}
+
+#[test]
+fn nf4_settings_other_than_the_defaults_load_as_stored() {
+    // glm4-fp4: FP4 without double quant, the packed bytes stored as bf16 (bnb_4bit_quant_storage),
+    // layer 0's mlp left dense and lm_head in 4 bits (llm_int8_skip_modules without lm_head), in_features
+    // 96 and 160.
+    let model = check_f32_dir(&fixture("glm4-fp4"));
+    let quant = model.config().quantization.as_ref().unwrap();
+    assert_eq!(quant.bnb_4bit_quant_storage, "bfloat16");
+    // The plan (the CLI's first step) takes the stored options rather than refusing bf16 storage.
+    let plan = Glm::plan(fixture("glm4-fp4"), &RunOptions::default()).unwrap();
+    assert_eq!(plan.choice, Precision::Nf4);
+    // Quantizing at load leaves a stored 4-bit checkpoint as it is, its dense mlp included.
+    let requantized = load(
+        "glm4-fp4",
+        LoadOptions {
+            quantize: Some(nf4::QuantOptions::default()),
+            ..LoadOptions::default()
+        },
+    );
+    assert_eq!(requantized.weight_bytes(), model.weight_bytes());
+    let r = reference("glm4-fp4");
+    let (ours, _) = teacher_forced(&model, &r.prompts[0], &r.greedy[0]);
+    let (again, _) = teacher_forced(&requantized, &r.prompts[0], &r.greedy[0]);
+    assert_eq!(max_diff(&ours, &again), 0.0);
 }
 
 /// The chatglm fixture rewritten in GlmForCausalLM layout (query_key_value split into q/k/v, names

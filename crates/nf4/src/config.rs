@@ -13,6 +13,10 @@ use crate::Nf4Error;
 /// The block size transformers quantizes 4-bit weights with (it is not configurable there).
 pub const TRANSFORMERS_BLOCKSIZE: usize = 64;
 
+/// The `bnb_4bit_quant_storage` values transformers accepts. The packed bytes are the same in each:
+/// bitsandbytes views them as a tensor of that dtype, and safetensors stores the bytes.
+const QUANT_STORAGES: [&str; 6] = ["uint8", "int8", "float16", "bfloat16", "float32", "float64"];
+
 /// transformers' `BitsAndBytesConfig.to_dict()`. Missing keys take transformers' defaults; keys this
 /// struct does not name (`_load_in_4bit`, `llm_int8_threshold`, ...) are kept in `extra` and written
 /// back unchanged.
@@ -116,10 +120,11 @@ impl QuantizationConfig {
                 "load_in_4bit is false (an 8-bit or unquantized checkpoint): only 4-bit is supported".into(),
             ));
         }
-        if self.bnb_4bit_quant_storage != "uint8" {
+        if !QUANT_STORAGES.contains(&self.bnb_4bit_quant_storage.as_str()) {
             return Err(Nf4Error::Config(format!(
-                "bnb_4bit_quant_storage \"{}\": only uint8 storage is supported",
-                self.bnb_4bit_quant_storage
+                "bnb_4bit_quant_storage \"{}\" is not a dtype transformers stores 4-bit weights in ({})",
+                self.bnb_4bit_quant_storage,
+                QUANT_STORAGES.join(", ")
             )));
         }
         Ok(QuantOptions {

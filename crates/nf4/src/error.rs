@@ -58,6 +58,17 @@ pub enum Nf4Error {
         why: String,
     },
 
+    #[error("rows {start}..{end} of the 4-bit tensor of shape {shape:?} {reason}")]
+    RowSlice {
+        start: usize,
+        end: usize,
+        shape: Vec<usize>,
+        reason: String,
+    },
+
+    #[error("cannot concatenate the 4-bit tensors exactly: {0}")]
+    Concat(String),
+
     #[error("quant state `{key}`: {reason}")]
     BadQuantState { key: String, reason: String },
 

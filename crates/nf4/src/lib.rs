@@ -24,6 +24,7 @@ mod codebook;
 mod config;
 mod double_quant;
 mod error;
+mod rows;
 mod size;
 mod state;
 mod tensor;

@@ -3,7 +3,7 @@
 //!
 //! | key | dtype | shape |
 //! | --- | --- | --- |
-//! | `W` | U8 (any `bnb_4bit_quant_storage`) | `[(n + 1) / 2, 1]` |
+//! | `W` | U8, or the `bnb_4bit_quant_storage` dtype | `[(n + 1) / 2, 1]` bytes |
 //! | `W.absmax` | U8 with double quant, else F32 | `[blocks]` |
 //! | `W.nested_absmax` | F32 (double quant) | `[ceil(blocks / 256)]` |
 //! | `W.nested_quant_map` | F32 (double quant) | `[256]` |

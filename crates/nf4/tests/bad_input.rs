@@ -274,6 +274,26 @@ fn bad_quantization_configs() {
             .unwrap();
     // transformers' default quant type is fp4.
     assert_eq!(fp4.quant_options().unwrap().quant_type, QuantType::Fp4);
+    // Any storage dtype transformers accepts holds the same packed bytes; other names are refused.
+    let storage = |dtype: &str| {
+        let text = format!(
+            r#"{{"quantization_config": {{"quant_method": "bitsandbytes", "load_in_4bit": true,
+                 "bnb_4bit_quant_storage": "{dtype}"}}}}"#
+        );
+        parse(&text).unwrap().unwrap().quant_options()
+    };
+    for dtype in ["uint8", "bfloat16", "float16", "float32"] {
+        assert_eq!(
+            storage(dtype).unwrap().quant_type,
+            QuantType::Fp4,
+            "{dtype}"
+        );
+    }
+    let err = storage("complex64").unwrap_err().to_string();
+    assert!(
+        err.contains("bnb_4bit_quant_storage \"complex64\""),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("config.json");
