@@ -42,6 +42,21 @@ pub struct QuantizationConfig {
     pub extra: BTreeMap<String, Value>,
 }
 
+/// Whether `value` reads as the named field of [`QuantizationConfig`] (true for keys it keeps in `extra`).
+fn field_parses(key: &str, value: &Value) -> bool {
+    fn reads<T: for<'de> Deserialize<'de>>(value: &Value) -> bool {
+        T::deserialize(value).is_ok()
+    }
+    match key {
+        "quant_method" | "bnb_4bit_quant_storage" => reads::<String>(value),
+        "load_in_4bit" | "load_in_8bit" | "bnb_4bit_use_double_quant" => reads::<bool>(value),
+        "bnb_4bit_quant_type" => reads::<QuantType>(value),
+        "bnb_4bit_compute_dtype" => reads::<FloatDtype>(value),
+        "llm_int8_skip_modules" => reads::<Option<Vec<String>>>(value),
+        _ => true,
+    }
+}
+
 fn default_quant_type() -> QuantType {
     QuantType::Fp4
 }
@@ -85,9 +100,19 @@ impl QuantizationConfig {
     pub fn from_model_config(config: &Value) -> Result<Option<Self>, Nf4Error> {
         match config.get("quantization_config") {
             None | Some(Value::Null) => Ok(None),
-            Some(block) => Self::deserialize(block)
-                .map(Some)
-                .map_err(|e| Nf4Error::Config(format!("cannot read it: {e}"))),
+            Some(block) => Self::deserialize(block).map(Some).map_err(|e| {
+                // serde names the bad value, not its key: find the key.
+                let key = block.as_object().and_then(|fields| {
+                    fields
+                        .iter()
+                        .find(|(key, value)| !field_parses(key, value))
+                        .map(|(key, _)| key.as_str())
+                });
+                Nf4Error::Config(match key {
+                    Some(key) => format!("cannot read its {key}: {e}"),
+                    None => format!("cannot read it: {e}"),
+                })
+            }),
         }
     }
 

@@ -248,6 +248,14 @@ fn bad_quantization_configs() {
     let err = parse(r#"{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "int4"}}"#)
         .unwrap_err();
     assert!(err.to_string().contains("int4"), "{err}");
+    // The message names the key, not only the value (transformers saves float64 compute).
+    let err = parse(r#"{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_compute_dtype": "float64"}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bnb_4bit_compute_dtype") && err.contains("float64"),
+        "{err}"
+    );
     let err = parse(r#"{"quantization_config": {"load_in_4bit": true}}"#).unwrap_err();
     assert!(err.to_string().contains("quant_method"), "{err}");
 
