@@ -8,10 +8,10 @@
 //! Glm4(v):  h = x + RMSNorm(Attn(RMSNorm(x)));          out = h + RMSNorm(MLP(RMSNorm(h)))
 //! ```
 //!
-//! Attention: q/k/v with bias, o without; grouped-query attention; scale head_dim^-0.5; rotary
-//! embeddings on the first `rotary_dim` dimensions of each head with interleaved pairs (GLM's
-//! `rotate_half` pairs x[2i] with x[2i+1]: candle's `rope_i`), tables built in f32. MLP: fused
-//! `gate_up_proj` (first half gate), silu(gate) × up, then `down_proj`. RMSNorm in f32.
+//! Attention: q/k/v with bias, o without; grouped-query attention; scale head_dim^-0.5, scores and
+//! softmax in f32; rotary embeddings on the first `rotary_dim` dimensions of each head with interleaved
+//! pairs (GLM's `rotate_half` pairs x[2i] with x[2i+1]: candle's `rope_i`), tables built in f32. MLP:
+//! fused `gate_up_proj` (first half gate), silu(gate) × up, then `down_proj`. RMSNorm in f32.
 //!
 //! On a CUDA device the KV cache is allocated once for the planned context and written in place, and a
 //! long prompt is prefilled in chunks of [`PREFILL_CHUNK`] queries, so that no step needs more than the
@@ -254,7 +254,12 @@ impl Attention {
         // stacked along the sequence axis, so one batched matmul per kv head covers them.
         let rep = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, rep * s, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        // Scores in f32 from f16/bf16 q and k, as transformers' sdpa computes them: rounded to half they
+        // lose the small differences between keys under a large common term (a large q/k bias).
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
         let scores = match mask {
             Some(mask) => scores
                 .reshape((b, self.num_kv_heads, rep, s, t))?
