@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -698,28 +699,16 @@ impl<'a> WeightLoader<'a> {
         let base = format!("{prefix}self_attention.query_key_value");
         let name = format!("{base}.weight");
         let rows = q_out + 2 * kv_out;
+        let parts = chatglm_qkv_rows(c);
         let split = |t: &Tensor| -> Result<[Tensor; 3]> {
-            let [q, k, v] = if c.chatglm_grouped_qkv {
-                // multi_query_attention: rows are [q | k | v].
-                [
-                    t.narrow(0, 0, q_out)?,
-                    t.narrow(0, q_out, kv_out)?,
-                    t.narrow(0, q_out + kv_out, kv_out)?,
-                ]
-            } else {
-                // Without it, rows are per head [q_h | k_h | v_h] (modeling_chatglm.py's view(np, 3*hn)).
-                let rest = &t.dims()[1..];
-                let mut shape = vec![c.num_attention_heads, 3, c.head_dim];
-                shape.extend_from_slice(rest);
-                let t = t.reshape(shape)?;
-                let part = |i: usize| -> Result<Tensor> {
-                    let mut out = vec![q_out];
-                    out.extend_from_slice(rest);
-                    Ok(t.narrow(1, i, 1)?.reshape(out)?)
-                };
-                [part(0)?, part(1)?, part(2)?]
+            let take = |ranges: &[Range<usize>]| -> Result<Tensor> {
+                let pieces = ranges
+                    .iter()
+                    .map(|r| t.narrow(0, r.start, r.len()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&pieces, 0)?.contiguous()?)
             };
-            Ok([q.contiguous()?, k.contiguous()?, v.contiguous()?])
+            Ok([take(&parts[0])?, take(&parts[1])?, take(&parts[2])?])
         };
         // The bias stays dense, also beside a 4-bit weight.
         let [bq, bk, bv] = match c.attention_bias {
@@ -728,7 +717,7 @@ impl<'a> WeightLoader<'a> {
         };
         if let Some(fused) = self.read_nf4(&name)? {
             self.check_nf4_shape(&fused, &name, &[rows, c.hidden_size])?;
-            let [wq, wk, wv] = self.split_nf4_qkv(&fused, &name)?;
+            let [wq, wk, wv] = self.split_nf4_qkv(&fused, &name, &parts)?;
             return Ok((
                 self.packed_linear(wq, bq, &name)?,
                 self.packed_linear(wk, bk, &name)?,
@@ -746,31 +735,21 @@ impl<'a> WeightLoader<'a> {
         Ok((make(wq, bq)?, make(wk, bk)?, make(wv, bv)?))
     }
 
-    /// The q, k and v rows of ChatGLM's fused 4-bit `query_key_value` (`name`), cut out of its stored codes
-    /// and scales (see [`nf4::Nf4Tensor::slice_rows`]), so they equal bitsandbytes' dequantization.
-    fn split_nf4_qkv(&self, fused: &nf4::Nf4Tensor, name: &str) -> Result<[nf4::Nf4Tensor; 3]> {
-        let c = self.config;
-        let (q_out, kv_out, head_dim) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-            c.head_dim,
-        );
+    /// The q, k and v rows (`parts`, [`chatglm_qkv_rows`]) of ChatGLM's fused 4-bit `query_key_value`
+    /// (`name`), cut out of its stored codes and scales (see [`nf4::Nf4Tensor::slice_rows`]), so they equal
+    /// bitsandbytes' dequantization.
+    fn split_nf4_qkv(
+        &self,
+        fused: &nf4::Nf4Tensor,
+        name: &str,
+        parts: &[Vec<Range<usize>>; 3],
+    ) -> Result<[nf4::Nf4Tensor; 3]> {
         let part = |i: usize| -> std::result::Result<nf4::Nf4Tensor, nf4::Nf4Error> {
-            if c.chatglm_grouped_qkv {
-                // [q | k | v]
-                let starts = [0, q_out, q_out + kv_out];
-                let len = if i == 0 { q_out } else { kv_out };
-                fused.slice_rows(starts[i]..starts[i] + len)
-            } else {
-                // Per head [q_h | k_h | v_h]: part i of every head, joined.
-                let heads = (0..c.num_attention_heads)
-                    .map(|h| {
-                        let start = (3 * h + i) * head_dim;
-                        fused.slice_rows(start..start + head_dim)
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                nf4::Nf4Tensor::concat_rows(&heads)
-            }
+            let pieces = parts[i]
+                .iter()
+                .map(|r| fused.slice_rows(r.clone()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            nf4::Nf4Tensor::concat_rows(&pieces)
         };
         let refused = |e: nf4::Nf4Error| {
             GlmError::Unsupported(format!(
@@ -967,6 +946,29 @@ impl<'a> WeightLoader<'a> {
         }
         notes
     }
+}
+
+/// The rows of ChatGLM's fused `query_key_value` that make q, k and v, in order: [q | k | v] with
+/// `multi_query_attention`, else per head [q_h | k_h | v_h] (modeling_chatglm.py's view(np, 3 * hn)).
+fn chatglm_qkv_rows(c: &Config) -> [Vec<Range<usize>>; 3] {
+    let (q_out, kv_out, d) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.head_dim,
+    );
+    if c.chatglm_grouped_qkv {
+        return [
+            0..q_out,
+            q_out..q_out + kv_out,
+            q_out + kv_out..q_out + 2 * kv_out,
+        ]
+        .map(|r| [r].into());
+    }
+    [0, 1, 2].map(|i| {
+        (0..c.num_attention_heads)
+            .map(|h| (3 * h + i) * d..(3 * h + i + 1) * d)
+            .collect()
+    })
 }
 
 /// A tensor of GLM-4.1V's vision tower, which the text decoder does not read.
