@@ -143,6 +143,35 @@ template <int BYTE> __device__ __forceinline__ uint32_t table_lookup(uint32_t la
     return entry;
 }
 
+// A GEMV launch multiplies x by up to GEMV_GROUP weights of one input width (GLM's q, k and v: one launch, and one
+// norm per block when the GEMV normalizes x itself, instead of two launches). Their outputs (rows, or 16-row strips
+// for NF4) are numbered one weight after the other; a weight of count 0 is an unused slot.
+#define GEMV_GROUP 3
+
+// The weight that output `i` belongs to (counts: outputs per weight), and `i`'s index within it.
+__device__ __forceinline__ unsigned group_locate(const unsigned (&counts)[GEMV_GROUP], unsigned i, unsigned &local) {
+    unsigned t = 0;
+    local = i;
+#pragma unroll
+    for (unsigned w = 0; w + 1 < GEMV_GROUP; ++w) {
+        if (t == w && local >= counts[w]) {
+            local -= counts[w];
+            t = w + 1;
+        }
+    }
+    return t;
+}
+
+// v[t] by selects, so that arrays of kernel parameters stay in registers (an indexed load would spill them).
+template <typename V> __device__ __forceinline__ V group_pick(const V (&v)[GEMV_GROUP], unsigned t) {
+    V picked = v[0];
+#pragma unroll
+    for (unsigned w = 1; w < GEMV_GROUP; ++w) {
+        if (t == w) picked = v[w];
+    }
+    return picked;
+}
+
 // Round-to-nearest-even conversions from the f32 result, as `half::f16::from_f32` / `bf16::from_f32` do.
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }

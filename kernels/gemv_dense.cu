@@ -2,9 +2,10 @@
 // writing into a caller's buffer (the decode step's preallocated scratch), which candle's cuBLAS matmul cannot.
 // CPU reference: an f64 matmul of the same values; GPU test: kernels/tests/gpu_kernels/decode.rs.
 //
-// One warp per output row. A launch may cover two weights of one shape (GLM's k and v projections of the same
-// input): blockIdx.y picks the weight and its output, so two small GEMVs overlap instead of each paying a launch. With K a multiple of the vector width a lane streams 16-byte chunks of its row
-// (DENSE_CHUNKS_IN_FLIGHT loads issued before any is used) and reads x through L1; otherwise element by element.
+// One warp per output row. A launch may cover up to GEMV_GROUP weights of one input width (GLM's q, k and v of the
+// same input, common.cuh), their rows numbered one weight after the other. With K a multiple of the vector width a
+// lane streams 16-byte chunks of its row (DENSE_CHUNKS_IN_FLIGHT loads issued before any is used) and reads x through
+// L1; otherwise element by element.
 #include "common.cuh"
 
 #define DENSE_WARPS 8
@@ -14,17 +15,29 @@
 // hidden size in 16-bit, and for all resident warps together well under the L2.
 #define DENSE_PREFETCH_BYTES 8192
 
+// Up to GEMV_GROUP weights [n, k] of one k and their outputs [batch, n].
+template <typename T> struct DenseGroup {
+    const T *w[GEMV_GROUP];
+    T *y[GEMV_GROUP];
+    unsigned n[GEMV_GROUP];
+};
+
 // Warps loop over rows (a grid smaller than N / DENSE_WARPS blocks is allowed). NORMED: x is computed from `norm`
 // into dynamic shared memory (batch * k elements, k a multiple of the vector width) after the wait; else it is read
 // from `x` through L1.
 template <typename T, bool NORMED>
-__device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, const NormedInput<T> &norm,
-                           T *__restrict__ y, unsigned n, unsigned k, unsigned batch, unsigned vectorized) {
+__device__ void gemv_dense(const DenseGroup<T> &group, const T *__restrict__ x, const NormedInput<T> &norm,
+                           unsigned k, unsigned batch, unsigned vectorized) {
     constexpr unsigned VEC = 16 / sizeof(T);
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned first_row = blockIdx.x * DENSE_WARPS + warp;
+    unsigned n = 0;
+#pragma unroll
+    for (int g = 0; g < GEMV_GROUP; ++g) n += group.n[g];
     if (vectorized && lane == 0 && first_row < n) {
-        prefetch_l2(w + (size_t)first_row * k, min(k * (unsigned)sizeof(T), DENSE_PREFETCH_BYTES));
+        unsigned local;
+        const unsigned g = group_locate(group.n, first_row, local);
+        prefetch_l2(group_pick(group.w, g) + (size_t)local * k, min(k * (unsigned)sizeof(T), DENSE_PREFETCH_BYTES));
     }
     if (NORMED && threadIdx.x == 0) {
         prefetch_l2(norm.weight, k * sizeof(T));
@@ -37,7 +50,9 @@ __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, con
     const T *const x_rows = NORMED ? xs : x;
 
     for (unsigned row = first_row; row < n; row += gridDim.x * DENSE_WARPS) {
-        const T *w_row = w + (size_t)row * k;
+        unsigned local;
+        const unsigned g = group_locate(group.n, row, local);
+        const T *w_row = group_pick(group.w, g) + (size_t)local * k;
         float acc[DENSE_MAX_BATCH];
 #pragma unroll
         for (int b = 0; b < DENSE_MAX_BATCH; ++b) acc[b] = 0.0f;
@@ -85,22 +100,27 @@ __device__ void gemv_dense(const T *__restrict__ w, const T *__restrict__ x, con
             float v = acc[b];
 #pragma unroll
             for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
-            if (lane == 0) y[(size_t)b * n + row] = from_f32<T>(v);
+            if (lane == 0) group_pick(group.y, g)[(size_t)b * group_pick(group.n, g) + local] = from_f32<T>(v);
         }
     }
 }
 
+// Weight slot I of a group: the weight, its output and its rows.
+#define DENSE_SLOT_PARAMS(T, I) const T *w##I, T *y##I, unsigned n##I
+#define DENSE_GROUP(T)                                                                                        \
+    DenseGroup<T> {                                                                                          \
+        {w0, w1, w2}, {y0, y1, y2}, { n0, n1, n2 }                                                           \
+    }
 #define GEMV_DENSE_KERNEL(SUFFIX, T)                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * DENSE_WARPS)                                           \
-        gemv_dense_##SUFFIX(const T *w0, T *y0, const T *w1, T *y1, const T *x, unsigned n, unsigned k,        \
-                            unsigned batch, unsigned vectorized) {                                            \
-        const bool second = blockIdx.y == 1;                                                                 \
-        gemv_dense<T, false>(second ? w1 : w0, x, NormedInput<T>{}, second ? y1 : y0, n, k, batch, vectorized); \
+        gemv_dense_##SUFFIX(DENSE_SLOT_PARAMS(T, 0), DENSE_SLOT_PARAMS(T, 1), DENSE_SLOT_PARAMS(T, 2),         \
+                            const T *x, unsigned k, unsigned batch, unsigned vectorized) {                    \
+        gemv_dense<T, false>(DENSE_GROUP(T), x, NormedInput<T>{}, k, batch, vectorized);                     \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * DENSE_WARPS)                                           \
-        gemv_dense_normed_##SUFFIX(const T *w, NORMED_INPUT_PARAMS(T), T *y, unsigned n, unsigned k,           \
-                                   unsigned batch) {                                                          \
-        gemv_dense<T, true>(w, nullptr, NORMED_INPUT_ARGS(T), y, n, k, batch, 1);                             \
+        gemv_dense_normed_##SUFFIX(DENSE_SLOT_PARAMS(T, 0), DENSE_SLOT_PARAMS(T, 1), DENSE_SLOT_PARAMS(T, 2),  \
+                                   NORMED_INPUT_PARAMS(T), unsigned k, unsigned batch) {                      \
+        gemv_dense<T, true>(DENSE_GROUP(T), nullptr, NORMED_INPUT_ARGS(T), k, batch, 1);                      \
     }
 
 GEMV_DENSE_KERNEL(f32, float)

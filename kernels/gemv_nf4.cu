@@ -11,7 +11,8 @@
 // one absmax block, so its four mma results are scaled once in f32: the absmax (double-quantized or not) is
 // decoded once per tile row, not per element.
 //
-// gemv_nf4_tiled_[nested_]normed_* compute x themselves: RmsNorm(residual + delta) · weight (common.cuh's
+// A tiled launch multiplies x by 1 to 3 weights of one width (GLM's q, k and v: common.cuh's GEMV_GROUP). The
+// gemv_nf4_tiled_[nested_]normed_* kernels compute x themselves: RmsNorm(residual + delta) · weight (common.cuh's
 // NormedInput), into dynamic shared memory, so the decode step needs no norm kernel between two projections.
 //
 // gemv_nf4_generic_* covers everything else (any shape and blocksize, either order, f32 x): one warp per output
@@ -47,6 +48,16 @@ __device__ __forceinline__ void tile_step(float (&c)[4], uint32_t lane_table, co
 // most ~17 MB over all resident warps, a third of the H100's L2.
 #define GEMV_PREFETCH_TILES 8
 
+// Up to GEMV_GROUP tiled weights of one width multiplied in one launch (common.cuh): their strips are numbered one
+// weight after the other, so a block may finish q's last strips and go on with k's.
+template <typename T, typename Absmax> struct Nf4Group {
+    const uint4 *packed[GEMV_GROUP];
+    Absmax absmax[GEMV_GROUP];
+    T *y[GEMV_GROUP];
+    // Output rows (a multiple of 16) and strips of each weight.
+    unsigned rows[GEMV_GROUP], strips[GEMV_GROUP];
+};
+
 // `split` (1, 2, 4, 8 or 16) warps share a strip (16 rows of W), each taking a contiguous run of its tiles,
 // GEMV_TILES_IN_FLIGHT at a time (all loads first); a block works on GEMV_WARPS / split strips at once and loops
 // over strips, so the table is built once per block. With split 1 a warp owns whole strips and writes their outputs
@@ -54,15 +65,17 @@ __device__ __forceinline__ void tile_step(float (&c)[4], uint32_t lane_table, co
 // split that still gives the device enough warps. NORMED: x is computed from `norm` into dynamic shared memory
 // (batch * cols elements) after the wait; else it is read from `x` through L1.
 template <typename T, typename Absmax, bool NORMED>
-__device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, const T *__restrict__ x,
-                               const NormedInput<T> &norm, T *__restrict__ y, unsigned rows, unsigned cols,
-                               unsigned batch, unsigned split, unsigned blocksize_log2) {
+__device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__restrict__ x, const NormedInput<T> &norm,
+                               unsigned cols, unsigned batch, unsigned split, unsigned blocksize_log2) {
     static_assert(GEMV_TILES_IN_FLIGHT % 2 == 0, "a warp decodes scales for pairs of tiles");
     constexpr int U = GEMV_TILES_IN_FLIGHT;
     __shared__ __align__(16) uint32_t table[NF4_CODE_TABLE_WORDS];
     __shared__ float partial[GEMV_WARPS][32][4];
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const unsigned tiles = cols / NF4_TILE_COLS, strips = rows / NF4_TILE_ROWS;
+    const unsigned tiles = cols / NF4_TILE_COLS;
+    unsigned strips = 0;
+#pragma unroll
+    for (int w = 0; w < GEMV_GROUP; ++w) strips += group.strips[w];
     const unsigned strips_per_block = GEMV_WARPS / split, block_strip = warp / split;
     const unsigned run = (tiles + split - 1) / split;
     const unsigned first_tile = min(tiles, (warp % split) * run), end_tile = min(tiles, first_tile + run);
@@ -70,7 +83,9 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
     // table), then wait for x.
     const unsigned first_strip = blockIdx.x * strips_per_block + block_strip;
     if (lane == 0 && first_strip < strips && first_tile < end_tile) {
-        prefetch_l2(packed + ((size_t)first_strip * tiles + first_tile) * 32,
+        unsigned local;
+        const unsigned w = group_locate(group.strips, first_strip, local);
+        prefetch_l2(group_pick(group.packed, w) + ((size_t)local * tiles + first_tile) * 32,
                     min(end_tile - first_tile, GEMV_PREFETCH_TILES) * NF4_TILE_BYTES);
     }
     if (NORMED && threadIdx.x == 0) {
@@ -97,19 +112,23 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
     // Every warp of the block runs the same number of iterations (a barrier is inside when split > 1).
     for (unsigned first = blockIdx.x * strips_per_block; first < strips; first += gridDim.x * strips_per_block) {
         const unsigned strip = first + block_strip;
+        // The strip's weight and its strip in that weight.
+        unsigned local = 0;
+        const unsigned w = group_locate(group.strips, min(strip, strips - 1), local);
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (strip < strips) {
-            const size_t scale_row_start = ((size_t)strip * NF4_TILE_ROWS + scale_row) * cols;
-            const uint4 *codes_lane = packed + ((size_t)strip * tiles + first_tile) * 32 + lane;
+            const Absmax absmax = group_pick(group.absmax, w);
+            const size_t scale_row_start = ((size_t)local * NF4_TILE_ROWS + scale_row) * cols;
+            const uint4 *codes_lane = group_pick(group.packed, w) + ((size_t)local * tiles + first_tile) * 32 + lane;
             const uint4 *x_lane = x_start;
-            for (unsigned group = first_tile; group < end_tile; group += U) {
+            for (unsigned tile_group = first_tile; tile_group < end_tile; tile_group += U) {
                 // Past the end of the warp's run the last tile is loaded again (no branch) and not used.
-                const unsigned last = end_tile - 1 - group;
+                const unsigned last = end_tile - 1 - tile_group;
                 uint4 codes[U], xv[U][2];
                 float scales[GEMV_SCALES_PER_LANE];
 #pragma unroll
                 for (int i = 0; i < GEMV_SCALES_PER_LANE; ++i) {
-                    const unsigned tile = group + min(scale_tile + 2 * i, last);
+                    const unsigned tile = tile_group + min(scale_tile + 2 * i, last);
                     scales[i] = absmax((scale_row_start + (size_t)tile * NF4_TILE_COLS) >> blocksize_log2);
                 }
 #pragma unroll
@@ -146,7 +165,9 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
         // Lane 4r + j holds rows r and r + 8 (acc 0-1 and 2-3) for x rows 2j and 2j + 1.
         if (split == 1) {
             if (strip < strips) {
-                const size_t row = (size_t)strip * NF4_TILE_ROWS + r;
+                T *const y = group_pick(group.y, w);
+                const unsigned rows = group_pick(group.rows, w);
+                const size_t row = (size_t)local * NF4_TILE_ROWS + r;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const unsigned b = 2 * j + i % 2;
@@ -163,15 +184,18 @@ __device__ void gemv_nf4_tiled(const uint4 *__restrict__ packed, Absmax absmax, 
         }
         __syncthreads();
         for (unsigned t = threadIdx.x; t < strips_per_block * NF4_TILE_ROWS * batch; t += blockDim.x) {
-            const unsigned local = t / (NF4_TILE_ROWS * batch), row = t % NF4_TILE_ROWS,
+            const unsigned block_local = t / (NF4_TILE_ROWS * batch), row = t % NF4_TILE_ROWS,
                            b = t / NF4_TILE_ROWS % batch;
             const unsigned src_lane = (row % 8) * 4 + b / 2, slot = (row / 8) * 2 + b % 2;
-            if (first + local < strips) {
+            if (first + block_local < strips) {
                 float sum = 0.0f;
-                for (unsigned w = local * split; w < (local + 1) * split; ++w) {
-                    sum += partial[w][src_lane][slot];
+                for (unsigned v = block_local * split; v < (block_local + 1) * split; ++v) {
+                    sum += partial[v][src_lane][slot];
                 }
-                y[(size_t)b * rows + (size_t)(first + local) * NF4_TILE_ROWS + row] = from_f32<T>(sum);
+                unsigned out_strip;
+                const unsigned out = group_locate(group.strips, first + block_local, out_strip);
+                group_pick(group.y, out)[(size_t)b * group_pick(group.rows, out) +
+                                         (size_t)out_strip * NF4_TILE_ROWS + row] = from_f32<T>(sum);
             }
         }
         __syncthreads();
@@ -217,66 +241,41 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
     }
 }
 
-#define GEMV_NF4_TILED_KERNELS(SUFFIX, T)                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
-        gemv_nf4_tiled_##SUFFIX(const uint4 *packed, const float *absmax, const T *x, T *y, unsigned rows,    \
-                                unsigned cols, unsigned batch, unsigned split, unsigned blocksize_log2) {    \
-        gemv_nf4_tiled<T, PlainAbsmax, false>(packed, PlainAbsmax{absmax}, x, NormedInput<T>{}, y, rows, cols, \
-                                              batch, split, blocksize_log2);                                 \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
-        gemv_nf4_tiled_nested_##SUFFIX(const uint4 *packed, const uint8_t *absmax_codes,                     \
-                                       const float *nested_absmax, const float *nested_map, float offset,    \
-                                       const T *x, T *y, unsigned rows, unsigned cols, unsigned batch,       \
-                                       unsigned split, unsigned blocksize_log2) {                            \
-        gemv_nf4_tiled<T, NestedAbsmax, false>(packed,                                                       \
-                                               NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, \
-                                               x, NormedInput<T>{}, y, rows, cols, batch, split,             \
-                                               blocksize_log2);                                              \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
-        gemv_nf4_tiled_normed_##SUFFIX(const uint4 *packed, const float *absmax, NORMED_INPUT_PARAMS(T), T *y, \
-                                       unsigned rows, unsigned cols, unsigned batch, unsigned split,          \
-                                       unsigned blocksize_log2) {                                            \
-        gemv_nf4_tiled<T, PlainAbsmax, true>(packed, PlainAbsmax{absmax}, nullptr, NORMED_INPUT_ARGS(T), y, rows, \
-                                             cols, batch, split, blocksize_log2);                            \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
-        gemv_nf4_tiled_nested_normed_##SUFFIX(const uint4 *packed, const uint8_t *absmax_codes,              \
-                                              const float *nested_absmax, const float *nested_map,           \
-                                              float offset, NORMED_INPUT_PARAMS(T), T *y, unsigned rows,      \
-                                              unsigned cols, unsigned batch, unsigned split,                 \
-                                              unsigned blocksize_log2) {                                     \
-        gemv_nf4_tiled<T, NestedAbsmax, true>(packed,                                                        \
-                                              NestedAbsmax{absmax_codes, nested_absmax, nested_map, offset}, \
-                                              nullptr, NORMED_INPUT_ARGS(T), y, rows, cols, batch, split,       \
-                                              blocksize_log2);                                               \
+// The parameters of weight slot I of a group: its codes, its scales (plain or double-quantized), its output and
+// output rows; and the Nf4Group made of three slots' parameters.
+#define NF4_PLAIN_SLOT_PARAMS(T, I) const uint4 *packed##I, const float *absmax##I, T *y##I, unsigned rows##I
+#define NF4_NESTED_SLOT_PARAMS(T, I)                                                                          \
+    const uint4 *packed##I, const uint8_t *codes##I, const float *nested_absmax##I, const float *nested_map##I, \
+        float offset##I, T *y##I, unsigned rows##I
+#define NF4_PLAIN_SLOT(I) PlainAbsmax { absmax##I }
+#define NF4_NESTED_SLOT(I) NestedAbsmax { codes##I, nested_absmax##I, nested_map##I, offset##I }
+#define NF4_GROUP(T, ABSMAX, SLOT)                                                                            \
+    Nf4Group<T, ABSMAX> {                                                                                    \
+        {packed0, packed1, packed2}, {SLOT(0), SLOT(1), SLOT(2)}, {y0, y1, y2}, {rows0, rows1, rows2}, {       \
+            rows0 / NF4_TILE_ROWS, rows1 / NF4_TILE_ROWS, rows2 / NF4_TILE_ROWS                               \
+        }                                                                                                    \
     }
 
-// Two weights of one shape in one launch (GLM's k and v projections of the same input): blockIdx.y picks the
-// weight and its output, so the two small GEMVs overlap instead of each paying a launch's latency.
-#define GEMV_NF4_TILED_PAIR_KERNELS(SUFFIX, T)                                                                \
+// gemv_nf4_tiled_[nested_][normed_]<suffix>: x from a buffer or normalized by the kernel, times 1 to 3 weights.
+#define GEMV_NF4_TILED_KERNEL(NAME, T, ABSMAX, SLOT_PARAMS, SLOT, NORMED, INPUT_PARAMS, INPUT_ARGS)           \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
-        gemv_nf4_tiled_pair_##SUFFIX(const uint4 *packed0, const float *absmax0, T *y0, const uint4 *packed1, \
-                                     const float *absmax1, T *y1, const T *x, unsigned rows, unsigned cols,   \
-                                     unsigned batch, unsigned split, unsigned blocksize_log2) {               \
-        const bool second = blockIdx.y == 1;                                                                 \
-        gemv_nf4_tiled<T, PlainAbsmax, false>(second ? packed1 : packed0,                                    \
-                                              PlainAbsmax{second ? absmax1 : absmax0}, x, NormedInput<T>{},   \
-                                              second ? y1 : y0, rows, cols, batch, split, blocksize_log2);   \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, GEMV_MIN_BLOCKS)                          \
-        gemv_nf4_tiled_nested_pair_##SUFFIX(                                                                 \
-            const uint4 *packed0, const uint8_t *codes0, const float *nested_absmax0, const float *nested_map0, \
-            float offset0, T *y0, const uint4 *packed1, const uint8_t *codes1, const float *nested_absmax1,     \
-            const float *nested_map1, float offset1, T *y1, const T *x, unsigned rows, unsigned cols,           \
-            unsigned batch, unsigned split, unsigned blocksize_log2) {                                         \
-        const bool second = blockIdx.y == 1;                                                                 \
-        const NestedAbsmax absmax = second ? NestedAbsmax{codes1, nested_absmax1, nested_map1, offset1}       \
-                                           : NestedAbsmax{codes0, nested_absmax0, nested_map0, offset0};      \
-        gemv_nf4_tiled<T, NestedAbsmax, false>(second ? packed1 : packed0, absmax, x, NormedInput<T>{},      \
-                                               second ? y1 : y0, rows, cols, batch, split, blocksize_log2);  \
+        NAME(SLOT_PARAMS(T, 0), SLOT_PARAMS(T, 1), SLOT_PARAMS(T, 2), INPUT_PARAMS, unsigned cols,           \
+             unsigned batch, unsigned split, unsigned blocksize_log2) {                                      \
+        gemv_nf4_tiled<T, ABSMAX, NORMED>(NF4_GROUP(T, ABSMAX, SLOT), INPUT_ARGS, cols, batch, split,        \
+                                          blocksize_log2);                                                   \
     }
+#define GEMV_X_PARAMS(T) const T *x
+#define GEMV_X_ARGS(T) x, NormedInput<T> {}
+#define GEMV_NORMED_ARGS(T) nullptr, NORMED_INPUT_ARGS(T)
+#define GEMV_NF4_TILED_KERNELS(SUFFIX, T)                                                                     \
+    GEMV_NF4_TILED_KERNEL(gemv_nf4_tiled_##SUFFIX, T, PlainAbsmax, NF4_PLAIN_SLOT_PARAMS, NF4_PLAIN_SLOT,     \
+                          false, GEMV_X_PARAMS(T), GEMV_X_ARGS(T))                                           \
+    GEMV_NF4_TILED_KERNEL(gemv_nf4_tiled_nested_##SUFFIX, T, NestedAbsmax, NF4_NESTED_SLOT_PARAMS,            \
+                          NF4_NESTED_SLOT, false, GEMV_X_PARAMS(T), GEMV_X_ARGS(T))                          \
+    GEMV_NF4_TILED_KERNEL(gemv_nf4_tiled_normed_##SUFFIX, T, PlainAbsmax, NF4_PLAIN_SLOT_PARAMS,              \
+                          NF4_PLAIN_SLOT, true, NORMED_INPUT_PARAMS(T), GEMV_NORMED_ARGS(T))                 \
+    GEMV_NF4_TILED_KERNEL(gemv_nf4_tiled_nested_normed_##SUFFIX, T, NestedAbsmax, NF4_NESTED_SLOT_PARAMS,     \
+                          NF4_NESTED_SLOT, true, NORMED_INPUT_PARAMS(T), GEMV_NORMED_ARGS(T))
 
 #define GEMV_NF4_GENERIC_KERNELS(SUFFIX, T)                                                                      \
     extern "C" __global__ void gemv_nf4_generic_##SUFFIX(const uint8_t *packed, unsigned tiled_row_chunks,      \
@@ -296,8 +295,6 @@ __device__ void gemv_nf4_generic(const uint8_t *__restrict__ packed, unsigned ti
 
 GEMV_NF4_TILED_KERNELS(f16, __half)
 GEMV_NF4_TILED_KERNELS(bf16, __nv_bfloat16)
-GEMV_NF4_TILED_PAIR_KERNELS(f16, __half)
-GEMV_NF4_TILED_PAIR_KERNELS(bf16, __nv_bfloat16)
 GEMV_NF4_GENERIC_KERNELS(f32, float)
 GEMV_NF4_GENERIC_KERNELS(f16, __half)
 GEMV_NF4_GENERIC_KERNELS(bf16, __nv_bfloat16)

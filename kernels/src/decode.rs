@@ -18,6 +18,7 @@ use candle_core::{CudaDevice, DType};
 
 use crate::launch::{allow_dynamic_shared, resident_blocks, KernelArgs};
 
+use crate::matmul::GEMV_GROUP;
 use crate::tensor::dtype_suffix;
 use crate::{
     KernelError, Module, ACTIVATION, ARGMAX, ATTENTION, EMBEDDING, GEMV_DENSE, NORM, ROTARY,
@@ -111,6 +112,23 @@ impl NormedInput {
             .arg(self.normed_out.unwrap_or(0))
             .arg(self.eps);
     }
+}
+
+/// Where the rows of x of a GEMV come from.
+#[derive(Debug, Clone, Copy)]
+pub enum GemvInput {
+    /// A buffer of `[rows, K]`.
+    Rows(DevicePointer),
+    /// Computed by the GEMV itself from a [`NormedInput`], in every block.
+    Normed(NormedInput),
+}
+
+/// A dense weight `[n, k]` of a [`DecodeKernels::gemv_dense`] launch and its output `[rows, n]`.
+#[derive(Debug, Clone, Copy)]
+pub struct DenseGemv {
+    pub weight: DevicePointer,
+    pub y: DevicePointer,
+    pub n: usize,
 }
 
 /// The rotary/KV-write launch's shapes and operands (see kernels/rotary.cu).
@@ -426,116 +444,83 @@ impl DecodeKernels {
         Ok(())
     }
 
-    /// `y [rows, n] = x [rows, k] · wᵀ` for a dense `w [n, k]`, rows ≤ [`DENSE_MAX_ROWS`].
+    /// `y_i [rows, n_i] = x [rows, k] · w_iᵀ` for 1 to [`GEMV_GROUP`] dense weights `w_i [n_i, k]` in one launch
+    /// (GLM's q, k and v), rows ≤ [`DENSE_MAX_ROWS`]. x is a buffer of rows, or the rows a [`NormedInput`] describes,
+    /// which every block then computes into its shared memory (no norm kernel before the GEMV). Returns false,
+    /// launching nothing, where a normalized x cannot be: rows of `k` elements not 16-byte aligned, or x larger than
+    /// a block's shared memory; the caller then normalizes with [`Self::residual_rms_norm`] and multiplies the
+    /// buffer. x from a buffer always launches.
     ///
     /// # Safety
-    /// The pointers hold those many elements of the kernels' dtype.
+    /// The pointers hold those many elements of the kernels' dtype; the pointers of a [`NormedInput`] as
+    /// [`Self::residual_rms_norm`], with `residual_out` not `residual`.
     pub unsafe fn gemv_dense(
         &self,
-        w: DevicePointer,
-        x: DevicePointer,
-        y: DevicePointer,
+        weights: &[DenseGemv],
+        input: GemvInput,
         rows: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<(), KernelError> {
-        unsafe { self.launch_gemv_dense([(w, y), (w, y)], 1, x, rows, n, k) }
-    }
-
-    /// [`Self::gemv_dense`] for two weights of one shape (GLM's k and v) in one launch, so the two small
-    /// GEMVs overlap.
-    ///
-    /// # Safety
-    /// As [`Self::gemv_dense`], for both weights and outputs.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemv_dense_pair(
-        &self,
-        weights: [(DevicePointer, DevicePointer); 2],
-        x: DevicePointer,
-        rows: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<(), KernelError> {
-        unsafe { self.launch_gemv_dense(weights, 2, x, rows, n, k) }
-    }
-
-    /// `y [rows, n] = x · wᵀ` with x the rows `input` describes, computed by each block into shared memory (no
-    /// norm kernel before the GEMV). Returns false, launching nothing, where the kernel cannot: rows of `k`
-    /// elements not 16-byte aligned, or x larger than a block's shared memory; the caller then normalizes with
-    /// [`Self::residual_rms_norm`] and multiplies with [`Self::gemv_dense`].
-    ///
-    /// # Safety
-    /// As [`Self::gemv_dense`]; the pointers of `input` as [`Self::residual_rms_norm`], with `residual_out` not
-    /// `residual`.
-    pub unsafe fn gemv_dense_normed(
-        &self,
-        w: DevicePointer,
-        input: &NormedInput,
-        y: DevicePointer,
-        rows: usize,
-        n: usize,
         k: usize,
     ) -> Result<bool, KernelError> {
         check_dense_rows(rows)?;
-        let elem = self.dtype.size_in_bytes();
-        let shared = rows * k * elem;
-        let aligned = (k * elem).is_multiple_of(16) && w.is_multiple_of(16) && input.aligned();
-        let stream = &self.stream;
-        let threads = 32 * DENSE_WARPS;
-        if !aligned || !allow_dynamic_shared(&self.gemv_dense_normed, stream, shared)? {
-            return Ok(false);
+        if weights.is_empty() || weights.len() > GEMV_GROUP {
+            return Err(KernelError::BadInput {
+                name: "dense GEMV".into(),
+                problem: format!(
+                    "{} weights: one launch takes 1 to {GEMV_GROUP}",
+                    weights.len()
+                ),
+            });
         }
-        // Every block normalizes x, so the grid is what fits on the device at once, its warps looping over rows.
-        let resident = resident_blocks(&self.gemv_dense_normed, stream, threads, shared)?;
+        let elem = self.dtype.size_in_bytes();
+        // 16-byte loads need 16-byte aligned rows of w and x.
+        let aligned = (k * elem).is_multiple_of(16)
+            && weights.iter().all(|w| w.weight.is_multiple_of(16))
+            && match &input {
+                GemvInput::Rows(x) => x.is_multiple_of(16),
+                GemvInput::Normed(normed) => normed.aligned(),
+            };
+        let n: usize = weights.iter().map(|w| w.n).sum();
+        let threads = 32 * DENSE_WARPS;
         let mut args = KernelArgs::new();
-        args.arg(w);
-        input.push_args(&mut args);
-        args.arg(y).arg(n as u32).arg(k as u32).arg(rows as u32);
+        for slot in 0..GEMV_GROUP {
+            let w = weights.get(slot).copied().unwrap_or(DenseGemv {
+                weight: 0,
+                y: 0,
+                n: 0,
+            });
+            args.arg(w.weight).arg(w.y).arg(w.n as u32);
+        }
+        let (func, grid, shared) = match input {
+            GemvInput::Rows(x) => {
+                args.arg(x)
+                    .arg(k as u32)
+                    .arg(rows as u32)
+                    .arg(u32::from(aligned));
+                (&self.gemv_dense, n.div_ceil(DENSE_WARPS as usize), 0)
+            }
+            GemvInput::Normed(normed) => {
+                let shared = rows * k * elem;
+                let func = &self.gemv_dense_normed;
+                if !aligned || !allow_dynamic_shared(func, &self.stream, shared)? {
+                    return Ok(false);
+                }
+                normed.push_args(&mut args);
+                args.arg(k as u32).arg(rows as u32);
+                // Every block normalizes x, so the grid is what fits on the device at once, its warps looping over
+                // rows.
+                let resident = resident_blocks(func, &self.stream, threads, shared)?;
+                (func, n.div_ceil(DENSE_WARPS as usize).min(resident), shared)
+            }
+        };
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(DENSE_WARPS as usize).min(resident) as u32, 1, 1),
+            grid_dim: (grid as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        unsafe { self.launch(&self.gemv_dense_normed, &mut args, cfg, true) }?;
+        // SAFETY: the argument list matches gemv_dense[_normed]_<suffix> in kernels/gemv_dense.cu (three weight
+        // slots, then x or the normed input); the caller vouches for the pointers.
+        unsafe { self.launch(func, &mut args, cfg, true) }?;
         Ok(true)
-    }
-
-    /// The first `count` of `weights` (weight, output) times x.
-    unsafe fn launch_gemv_dense(
-        &self,
-        weights: [(DevicePointer, DevicePointer); 2],
-        count: u32,
-        x: DevicePointer,
-        rows: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<(), KernelError> {
-        check_dense_rows(rows)?;
-        let elem = self.dtype.size_in_bytes() as u64;
-        let [(w0, y0), (w1, y1)] = weights;
-        // 16-byte loads need 16-byte aligned rows of w and x.
-        let vectorized = u32::from(
-            (k as u64 * elem).is_multiple_of(16)
-                && [w0, w1, x].iter().all(|p| p.is_multiple_of(16)),
-        );
-        let (n32, k32, rows32) = (n as u32, k as u32, rows as u32);
-        let mut args = KernelArgs::new();
-        args.arg(w0)
-            .arg(y0)
-            .arg(w1)
-            .arg(y1)
-            .arg(x)
-            .arg(n32)
-            .arg(k32)
-            .arg(rows32)
-            .arg(vectorized);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(DENSE_WARPS as usize) as u32, count, 1),
-            block_dim: (32 * DENSE_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { self.launch(&self.gemv_dense, &mut args, cfg, true) }?;
-        Ok(())
     }
 }
 

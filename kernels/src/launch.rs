@@ -23,7 +23,7 @@ use candle_core::cuda_backend::WrapErr;
 use crate::KernelError;
 
 /// The most arguments any of our kernels takes.
-const MAX_ARGS: usize = 24;
+const MAX_ARGS: usize = 40;
 
 /// A kernel parameter: a device pointer or a scalar, passed by value as the kernel declares it.
 pub(crate) trait KernelParam: Copy {

@@ -32,10 +32,10 @@ use candle_core::cuda_backend::WrapErr;
 pub use attention::decode_attention;
 pub use decode::{
     argmax_scratch_bytes, attention_scratch_bytes, device_pointer, AttentionAt, DecodeKernels,
-    DevicePointer, NormedInput, RotaryKvWrite, DENSE_MAX_ROWS, NORM_MAX_DIM,
+    DenseGemv, DevicePointer, GemvInput, NormedInput, RotaryKvWrite, DENSE_MAX_ROWS, NORM_MAX_DIM,
 };
 pub use gemm::FUSED_GEMM_BLOCK_TOKENS;
-pub use matmul::GEMV_MAX_ROWS;
+pub use matmul::{GEMV_GROUP, GEMV_MAX_ROWS};
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
 /// One kernels/*.cu as build.rs compiled it: a fatbin with SASS for sm_90 and PTX for newer GPUs.

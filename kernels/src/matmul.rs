@@ -9,7 +9,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, DType, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::decode::{device_pointer, DevicePointer, NormedInput};
+use crate::decode::{device_pointer, DevicePointer, GemvInput};
 use crate::launch::{allow_dynamic_shared, resident_blocks, KernelArgs};
 use crate::layout::{PackedLayout, TILE_COLS, TILE_ROWS};
 use crate::tensor::{cuda_view, dtype_suffix, wrap, CudaNf4Tensor};
@@ -17,6 +17,8 @@ use crate::KernelError;
 
 /// Rows of x the fused GEMV handles (GEMV_MAX_BATCH in gemv_nf4.cu: the n = 8 of mma.m16n8k16).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Weights one GEMV launch multiplies at most (GEMV_GROUP in kernels/common.cuh).
+pub const GEMV_GROUP: usize = 3;
 /// Warps per block of the generic kernel (one output row each).
 const GENERIC_WARPS: u32 = 8;
 
@@ -127,93 +129,125 @@ impl CudaNf4Tensor {
         y: DevicePointer,
         rows: usize,
     ) -> Result<(), KernelError> {
+        if unsafe { Self::gemv_group_into(&[(self, y)], dtype, GemvInput::Rows(x), rows) }? {
+            return Ok(());
+        }
         let (n, k, suffix) = self.gemv_dims(dtype, rows)?;
         let dev = self.cuda_device();
-        // The tiled kernel loads x 16 bytes at a time.
-        let tiled = self.takes_tiled_gemv(dtype) && x.is_multiple_of(16);
-        let kind = if tiled { "tiled" } else { "generic" };
         let func = crate::GEMV_NF4.function(
             dev,
-            &format!("gemv_nf4_{kind}_{}{suffix}", self.absmax.kernel_infix()),
+            &format!("gemv_nf4_generic_{}{suffix}", self.absmax.kernel_infix()),
         )?;
-        let (cfg, split) = if tiled {
-            tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS, 0)?
-        } else {
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(GENERIC_WARPS as usize).min(1 << 20) as u32, 1, 1),
-                block_dim: (32 * GENERIC_WARPS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (cfg, 1)
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(GENERIC_WARPS as usize).min(1 << 20) as u32, 1, 1),
+            block_dim: (32 * GENERIC_WARPS, 1, 1),
+            shared_mem_bytes: 0,
         };
-        let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
-        let (n32, k32, layout) = (n as u32, k as u32, self.layout.kernel_arg());
         let mut args = KernelArgs::new();
-        args.arg(device_pointer(&self.packed, dev));
-        if !tiled {
-            args.arg(layout);
-        }
+        args.arg(device_pointer(&self.packed, dev))
+            .arg(self.layout.kernel_arg());
         self.absmax.push_args(&mut args, dev);
-        args.arg(x).arg(y);
-        if tiled {
-            args.arg(n32).arg(k32).arg(rows_arg).arg(split);
-        } else {
-            args.arg(n).arg(k).arg(rows_arg);
-        }
-        args.arg(blocksize_log2);
-        // SAFETY: argument lists match gemv_nf4_{tiled,generic}_[nested_]<suffix> in kernels/gemv_nf4.cu (which
-        // wait for the previous kernel before reading x); the tiled kernel needs a tiled weight (N % 16 == 0,
-        // K % 64 == 0, blocksize >= 64) and 16-byte aligned rows of x (K % 64 == 0 keeps every row as aligned
-        // as the first), both checked above.
+        args.arg(x)
+            .arg(y)
+            .arg(n)
+            .arg(k)
+            .arg(rows as u32)
+            .arg(self.blocksize.trailing_zeros());
+        // SAFETY: the argument list matches gemv_nf4_generic_[nested_]<suffix> in kernels/gemv_nf4.cu (which waits
+        // for the previous kernel before reading x); it takes any layout, shape and blocksize.
         unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }
     }
 
-    /// `y [rows, N] = x · Wᵀ` with x the rows `input` describes (RmsNorm of the residual plus a sublayer's output,
-    /// see [`NormedInput`]), which every block of the tiled GEMV computes into its shared memory, so that no norm
-    /// kernel runs between two projections of a decode step. Returns false, launching nothing, where that kernel
-    /// cannot: a weight or dtype the tiled kernel does not take, or x larger than a block's shared memory; the
-    /// caller then normalizes first (`DecodeKernels::residual_rms_norm`) and calls [`Self::gemv_into`].
+    /// `y_i [rows, N_i] = x [rows, K] · W_iᵀ` for each `(W_i, y_i)` of `outputs` (1 to [`GEMV_GROUP`] weights of
+    /// one width K: GLM's q, k and v), in one launch of the tiled tensor-core GEMV, into callers' buffers. x is a
+    /// buffer of rows or the rows a [`NormedInput`](crate::NormedInput) describes, which every block then computes into its shared
+    /// memory, so that no norm kernel runs between two projections of a decode step. Returns false, launching
+    /// nothing, where that kernel cannot: a weight or dtype it does not take, weights that differ in width,
+    /// blocksize or kind of scales, unaligned x, or a normalized x larger than a block's shared memory; the caller
+    /// then normalizes first (`DecodeKernels::residual_rms_norm`) and calls [`Self::gemv_into`] per weight.
     ///
     /// # Safety
-    /// As [`Self::gemv_into`] for `y`; the pointers of `input` hold `rows * K` elements of `dtype` (the weights
-    /// `K`), and `input.residual_out` is not `input.residual`.
-    pub unsafe fn gemv_normed_into(
-        &self,
+    /// As [`Self::gemv_into`] for each weight and output; the pointers of a [`NormedInput`](crate::NormedInput) hold `rows * K`
+    /// elements of `dtype` (its weights `K`), and its `residual_out` is not its `residual`.
+    pub unsafe fn gemv_group_into(
+        outputs: &[(&CudaNf4Tensor, DevicePointer)],
         dtype: DType,
-        input: &NormedInput,
-        y: DevicePointer,
+        input: GemvInput,
         rows: usize,
     ) -> Result<bool, KernelError> {
-        let (n, k, suffix) = self.gemv_dims(dtype, rows)?;
-        if !self.takes_tiled_gemv(dtype) || !input.aligned() {
+        let Some(&(first, _)) = outputs.first() else {
+            return Ok(true);
+        };
+        let (_, k, suffix) = first.gemv_dims(dtype, rows)?;
+        let groupable = outputs.len() <= GEMV_GROUP
+            && outputs.iter().all(|&(w, _)| {
+                w.takes_tiled_gemv(dtype)
+                    && w.shape.dims().get(1) == Some(&k)
+                    && w.blocksize == first.blocksize
+                    && w.absmax.kernel_infix() == first.absmax.kernel_infix()
+                    && w.device.same_device(&first.device)
+            });
+        let aligned = match &input {
+            // K % 64 == 0 (tiled) keeps every row as aligned as the first.
+            GemvInput::Rows(x) => x.is_multiple_of(16),
+            GemvInput::Normed(normed) => normed.aligned(),
+        };
+        if !groupable || !aligned {
             return Ok(false);
         }
-        let dev = self.cuda_device();
+        let normed = matches!(input, GemvInput::Normed(_));
+        let dev = first.cuda_device();
         let func = crate::GEMV_NF4.function(
             dev,
             &format!(
-                "gemv_nf4_tiled_{}normed_{suffix}",
-                self.absmax.kernel_infix()
+                "gemv_nf4_tiled_{}{}{suffix}",
+                first.absmax.kernel_infix(),
+                if normed { "normed_" } else { "" }
             ),
         )?;
-        let shared = rows * k * dtype.size_in_bytes();
-        if !allow_dynamic_shared(&func, &dev.cuda_stream(), shared)? {
+        let shared = if normed {
+            rows * k * dtype.size_in_bytes()
+        } else {
+            0
+        };
+        if shared > 0 && !allow_dynamic_shared(&func, &dev.cuda_stream(), shared)? {
             return Ok(false);
         }
-        let (cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS, shared)?;
+        let strips = outputs
+            .iter()
+            .map(|(w, _)| w.shape.dims()[0] / TILE_ROWS)
+            .sum();
+        let (cfg, split) = tiled_launch(dev, &func, strips, k / TILE_COLS, shared)?;
         let mut args = KernelArgs::new();
-        args.arg(device_pointer(&self.packed, dev));
-        self.absmax.push_args(&mut args, dev);
-        input.push_args(&mut args);
-        args.arg(y)
-            .arg(n as u32)
-            .arg(k as u32)
+        for slot in 0..GEMV_GROUP {
+            match outputs.get(slot) {
+                Some(&(w, y)) => {
+                    args.arg(device_pointer(&w.packed, dev));
+                    w.absmax.push_args(&mut args, dev);
+                    args.arg(y).arg(w.shape.dims()[0] as u32);
+                }
+                None => {
+                    // An unused slot: null pointers and zero rows, with as many scale arguments as the kernel's.
+                    args.arg(0u64);
+                    first.absmax.push_null_args(&mut args);
+                    args.arg(0u64).arg(0u32);
+                }
+            }
+        }
+        match input {
+            GemvInput::Rows(x) => {
+                args.arg(x);
+            }
+            GemvInput::Normed(normed) => normed.push_args(&mut args),
+        }
+        args.arg(k as u32)
             .arg(rows as u32)
             .arg(split)
-            .arg(self.blocksize.trailing_zeros());
-        // SAFETY: the argument list matches gemv_nf4_tiled_[nested_]normed_<suffix> in kernels/gemv_nf4.cu, which
-        // waits for the previous kernel before reading input's rows; the weight is tiled (checked above) and the
-        // rows 16-byte aligned (K % 64 == 0 and aligned starts).
+            .arg(first.blocksize.trailing_zeros());
+        // SAFETY: the argument list matches gemv_nf4_tiled_[nested_][normed_]<suffix> in kernels/gemv_nf4.cu (three
+        // weight slots, then x or the normed input), which waits for the previous kernel before reading x; every
+        // weight is tiled with one width, blocksize and kind of scales (checked above) and x's rows are 16-byte
+        // aligned.
         unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }?;
         Ok(true)
     }
@@ -251,63 +285,6 @@ impl CudaNf4Tensor {
             });
         }
         Ok((n, k, suffix))
-    }
-
-    /// `y = x · Wᵀ` and `y_other = x · W_otherᵀ` for two weights of one shape and kind (GLM's k and v), in one
-    /// launch of the tiled kernel when both are tiled (the two small GEMVs then overlap), else as two
-    /// [`Self::gemv_into`] launches.
-    ///
-    /// # Safety
-    /// As [`Self::gemv_into`], for both weights and outputs.
-    pub unsafe fn gemv_pair_into(
-        &self,
-        other: &CudaNf4Tensor,
-        dtype: DType,
-        x: DevicePointer,
-        y: DevicePointer,
-        y_other: DevicePointer,
-        rows: usize,
-    ) -> Result<(), KernelError> {
-        let pairable = self.takes_tiled_gemv(dtype)
-            && self.layout == other.layout
-            && self.shape == other.shape
-            && self.blocksize == other.blocksize
-            && self.absmax.kernel_infix() == other.absmax.kernel_infix()
-            && self.device.same_device(&other.device)
-            && x.is_multiple_of(16)
-            && (1..=GEMV_MAX_ROWS).contains(&rows);
-        if !pairable {
-            return unsafe {
-                self.gemv_into(dtype, x, y, rows)?;
-                other.gemv_into(dtype, x, y_other, rows)
-            };
-        }
-        let (n, k) = (self.shape.dims()[0], self.shape.dims()[1]);
-        let suffix = dtype_suffix(dtype).expect("f16 or bf16, checked above");
-        let dev = self.cuda_device();
-        let func = crate::GEMV_NF4.function(
-            dev,
-            &format!("gemv_nf4_tiled_{}pair_{suffix}", self.absmax.kernel_infix()),
-        )?;
-        let (mut cfg, split) = tiled_launch(dev, &func, n / TILE_ROWS, k / TILE_COLS, 0)?;
-        cfg.grid_dim.1 = 2;
-        let (rows_arg, blocksize_log2) = (rows as u32, self.blocksize.trailing_zeros());
-        let (n32, k32) = (n as u32, k as u32);
-        let mut args = KernelArgs::new();
-        args.arg(device_pointer(&self.packed, dev));
-        self.absmax.push_args(&mut args, dev);
-        args.arg(y).arg(device_pointer(&other.packed, dev));
-        other.absmax.push_args(&mut args, dev);
-        args.arg(y_other)
-            .arg(x)
-            .arg(n32)
-            .arg(k32)
-            .arg(rows_arg)
-            .arg(split)
-            .arg(blocksize_log2);
-        // SAFETY: the argument list matches gemv_nf4_tiled_[nested_]pair_<suffix> in kernels/gemv_nf4.cu; both
-        // weights are tiled with one shape and blocksize (checked above), x is aligned as gemv_into requires.
-        unsafe { args.launch(&func, &dev.cuda_stream(), cfg, true) }
     }
 }
 

@@ -120,6 +120,18 @@ impl DeviceAbsmax {
         }
     }
 
+    /// As many null scale arguments as [`Self::push_args`] pushes: an unused weight slot of a GEMV launch.
+    pub(crate) fn push_null_args(&self, args: &mut KernelArgs) {
+        match self {
+            DeviceAbsmax::Plain(_) => {
+                args.arg(0u64);
+            }
+            DeviceAbsmax::Nested { .. } => {
+                args.arg(0u64).arg(0u64).arg(0u64).arg(0.0f32);
+            }
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             DeviceAbsmax::Plain(absmax) => absmax.num_bytes(),

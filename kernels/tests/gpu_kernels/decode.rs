@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use glm_kernels::{
-    argmax_scratch_bytes, attention_scratch_bytes, AttentionAt, DecodeKernels, NormedInput,
-    RotaryKvWrite,
+    argmax_scratch_bytes, attention_scratch_bytes, AttentionAt, CudaNf4Tensor, DecodeKernels,
+    DenseGemv, GemvInput, NormedInput, RotaryKvWrite,
 };
 
 use crate::common::{
@@ -202,7 +202,9 @@ fn normed_gemvs_match_the_reference() {
         let tolerance = tolerance(dtype);
         // GLM-4-9B's hidden size, a small one, and one whose rows of x need two chunk rounds per thread at batch 8.
         for (n, dim, blocksize) in [(272, 4096, 64), (48, 64, 128), (160, 2112, 256)] {
+            // With a second weight in the launch, as k beside q.
             let nf4 = weight(&gpu, n, dim, blocksize, true);
+            let nf4_small = weight(&gpu, 16, dim, blocksize, true);
             let dense = randn(&[n, dim], dtype);
             let dense_gpu = dense.to_device(&gpu).unwrap();
             for rows in [1, 3, 8] {
@@ -210,15 +212,26 @@ fn normed_gemvs_match_the_reference() {
                     let what = format!("{dtype:?} [{n}, {dim}] rows {rows} {}", case.what());
                     let (kept, input) = case.upload(&gpu, eps as f32);
                     let y = Tensor::zeros((rows, n), dtype, &gpu).unwrap();
-                    let took =
-                        unsafe { nf4.gpu.gemv_normed_into(dtype, &input, ptr(&y), rows) }.unwrap();
+                    let y_small = Tensor::zeros((rows, 16), dtype, &gpu).unwrap();
+                    let took = unsafe {
+                        CudaNf4Tensor::gemv_group_into(
+                            &[(&nf4.gpu, ptr(&y)), (&nf4_small.gpu, ptr(&y_small))],
+                            dtype,
+                            GemvInput::Normed(input),
+                            rows,
+                        )
+                    }
+                    .unwrap();
                     // f32 goes to the generic kernel, which does not normalize.
                     assert_eq!(took, dtype != DType::F32, "NF4 {what}: launched");
                     if took {
                         case.check(&kept, eps, tolerance, &format!("NF4 {what}"));
                         let x = kept[5].to_device(&Device::Cpu).unwrap();
-                        let error = relative_error(&to_f64(&y), &cpu_product(&nf4, &x));
-                        assert!(error <= tolerance, "NF4 {what}: y {error:.2e}");
+                        for (w, y, which) in [(&nf4, &y, "first"), (&nf4_small, &y_small, "second")]
+                        {
+                            let error = relative_error(&to_f64(y), &cpu_product(w, &x));
+                            assert!(error <= tolerance, "NF4 {what}: {which} y {error:.2e}");
+                        }
                         // The norm kernel gives the same sum (no reduction in it) and nearly the same x.
                         let norm_out = Tensor::zeros((rows, dim), dtype, &gpu).unwrap();
                         let norm_x = norm_out.zeros_like().unwrap();
@@ -233,10 +246,14 @@ fn normed_gemvs_match_the_reference() {
 
                     let (kept, input) = case.upload(&gpu, eps as f32);
                     let y = Tensor::zeros((rows, n), dtype, &gpu).unwrap();
-                    let took = unsafe {
-                        k.gemv_dense_normed(ptr(&dense_gpu), &input, ptr(&y), rows, n, dim)
-                    }
-                    .unwrap();
+                    let dense_y = DenseGemv {
+                        weight: ptr(&dense_gpu),
+                        y: ptr(&y),
+                        n,
+                    };
+                    let took =
+                        unsafe { k.gemv_dense(&[dense_y], GemvInput::Normed(input), rows, dim) }
+                            .unwrap();
                     assert!(took, "dense {what}: launched");
                     case.check(&kept, eps, tolerance, &format!("dense {what}"));
                     let x = f64_of(&kept[5]);
@@ -251,7 +268,12 @@ fn normed_gemvs_match_the_reference() {
         let (_kept, input) = case.upload(&gpu, eps as f32);
         let w = randn(&[8, 37], dtype).to_device(&gpu).unwrap();
         let y = Tensor::zeros((1, 8), dtype, &gpu).unwrap();
-        let took = unsafe { k.gemv_dense_normed(ptr(&w), &input, ptr(&y), 1, 8, 37) }.unwrap();
+        let unaligned = DenseGemv {
+            weight: ptr(&w),
+            y: ptr(&y),
+            n: 8,
+        };
+        let took = unsafe { k.gemv_dense(&[unaligned], GemvInput::Normed(input), 1, 37) }.unwrap();
         assert!(
             !took && to_f64(&y).iter().all(|&v| v == 0.0),
             "{dtype:?}: unaligned"
@@ -510,7 +532,7 @@ fn gemv_dense_matches_the_reference() {
                 let x = randn(&[rows, kk], dtype);
                 let xg = x.to_device(&gpu).unwrap();
                 let y = Tensor::zeros((rows, n), dtype, &gpu).unwrap();
-                unsafe { k.gemv_dense(ptr(&wg), ptr(&xg), ptr(&y), rows, n, kk) }.unwrap();
+                unsafe { dense_gemv(&k, &[(&wg, &y)], &xg, rows) };
                 let want = f64_of(&x).matmul(&f64_of(&w).t().unwrap()).unwrap();
                 let error = relative_error(&to_f64(&y), &to_f64(&want));
                 assert!(
@@ -519,42 +541,55 @@ fn gemv_dense_matches_the_reference() {
                 );
             }
         }
-        // Two weights of one shape in one launch: each output as its own launch gives it.
-        let (n, kk) = (256, 4096);
-        let (w0, w1) = (
-            randn(&[n, kk], dtype).to_device(&gpu).unwrap(),
-            randn(&[n, kk], dtype).to_device(&gpu).unwrap(),
-        );
+        // Three weights of one width and different heights (q, k and v) in one launch: each output as its own
+        // launch gives it, bit for bit (one warp sums a row either way).
+        let kk = 1000;
+        let weights: Vec<Tensor> = [256, 13, 300]
+            .iter()
+            .map(|&n| randn(&[n, kk], dtype).to_device(&gpu).unwrap())
+            .collect();
         let x = randn(&[3, kk], dtype).to_device(&gpu).unwrap();
-        let zeros = || Tensor::zeros((3, n), dtype, &gpu).unwrap();
-        let (y0, y1, want0, want1) = (zeros(), zeros(), zeros(), zeros());
-        unsafe {
-            k.gemv_dense_pair(
-                [(ptr(&w0), ptr(&y0)), (ptr(&w1), ptr(&y1))],
-                ptr(&x),
-                3,
-                n,
-                kk,
-            )
-            .unwrap();
-            k.gemv_dense(ptr(&w0), ptr(&x), ptr(&want0), 3, n, kk)
-                .unwrap();
-            k.gemv_dense(ptr(&w1), ptr(&x), ptr(&want1), 3, n, kk)
-                .unwrap();
+        let zeros = |w: &Tensor| Tensor::zeros((3, w.dims()[0]), dtype, &gpu).unwrap();
+        let grouped: Vec<Tensor> = weights.iter().map(zeros).collect();
+        let pairs: Vec<_> = weights.iter().zip(&grouped).collect();
+        unsafe { dense_gemv(&k, &pairs, &x, 3) };
+        for (i, (w, y)) in pairs.into_iter().enumerate() {
+            let alone = zeros(w);
+            unsafe { dense_gemv(&k, &[(w, &alone)], &x, 3) };
+            assert_eq!(
+                to_f64(y),
+                to_f64(&alone),
+                "gemv_dense {dtype:?}: weight {i} of 3"
+            );
         }
-        assert_eq!(
-            to_f64(&y0),
-            to_f64(&want0),
-            "gemv_dense_pair {dtype:?}: first"
-        );
-        assert_eq!(
-            to_f64(&y1),
-            to_f64(&want1),
-            "gemv_dense_pair {dtype:?}: second"
-        );
-        let too_many = unsafe { k.gemv_dense(0, 0, 0, 9, 8, 8) }.unwrap_err();
+        let slot = DenseGemv {
+            weight: 0,
+            y: 0,
+            n: 8,
+        };
+        let too_many = unsafe { k.gemv_dense(&[slot], GemvInput::Rows(0), 9, 8) }.unwrap_err();
         assert!(too_many.to_string().contains("1 to 8"), "{too_many}");
+        let four = unsafe { k.gemv_dense(&[slot; 4], GemvInput::Rows(0), 1, 8) }.unwrap_err();
+        assert!(four.to_string().contains("1 to 3"), "{four}");
     }
+}
+
+/// `y = x · wᵀ` for each (w, y) of `outputs` in one dense GEMV launch.
+///
+/// # Safety
+/// x holds `rows` rows of the weights' width and each y `rows` rows of its weight's height.
+unsafe fn dense_gemv(k: &DecodeKernels, outputs: &[(&Tensor, &Tensor)], x: &Tensor, rows: usize) {
+    let weights: Vec<DenseGemv> = outputs
+        .iter()
+        .map(|&(w, y)| DenseGemv {
+            weight: ptr(w),
+            y: ptr(y),
+            n: w.dims()[0],
+        })
+        .collect();
+    let width = outputs[0].0.dims()[1];
+    let launched = unsafe { k.gemv_dense(&weights, GemvInput::Rows(ptr(x)), rows, width) }.unwrap();
+    assert!(launched, "a dense GEMV of rows always launches");
 }
 
 /// softmax(q·Kᵀ·scale)·V in f64 over the first `len` tokens: q `[b, kv, rep, d]`, caches `[b, kv, cap, d]`.

@@ -4,11 +4,12 @@
 //! blocksizes 32 to 256, double quant on and off, outliers, zeros.
 
 use candle_core::{DType, Device, Tensor};
-use glm_kernels::{CudaNf4Tensor, HostNf4};
+use glm_kernels::{CudaNf4Tensor, GemvInput, HostNf4};
 use nf4::{Nf4Tensor, QuantOptions};
 
 use crate::common::{
-    assert_refused, cuda_device_or_skip, matmul_error, ptr, to_f64, tolerance, weight, Weight, NAME,
+    assert_refused, cpu_product, cuda_device_or_skip, matmul_error, ptr, relative_error, to_f64,
+    tolerance, weight, Weight, NAME,
 };
 
 fn check_all_rows(gpu: &Device, w: &Weight, case: &str) {
@@ -136,48 +137,76 @@ fn matmul_rejects_bad_inputs() {
     }
 }
 
-/// The pair GEMV (k and v in one launch) gives each weight's own GEMV bit for bit, tiled or not (a weight that
-/// is not tiled, or a pair of different shapes, falls back to two launches).
+/// A group GEMV (q, k and v of one input in one launch) gives each weight's product with x: 1 to 3 weights of
+/// different heights (strips of one weight shared out with another's among a block's warps), plain and
+/// double-quantized scales, batches 1..8. Groups the tiled kernel cannot take (a weight it does not take, widths or
+/// blocksizes that differ, more than three weights) are refused without a launch.
 #[test]
-fn pair_gemv_equals_two_gemvs() {
-    let Some(gpu) = cuda_device_or_skip("pair_gemv_equals_two_gemvs") else {
+fn group_gemv_matches_the_cpu() {
+    let Some(gpu) = cuda_device_or_skip("group_gemv_matches_the_cpu") else {
         return;
     };
-    for (rows, cols, blocksize, double_quant, other_rows) in [
-        (256, 4096, 64, true, 256),
-        (48, 128, 128, false, 48),
-        (256, 4096, 64, true, 512),
-        (50, 96, 64, true, 50),
+    for (heights, cols, blocksize, double_quant) in [
+        (&[4096, 256, 256][..], 4096, 64, true),
+        (&[48, 16][..], 128, 128, false),
+        (&[16, 800, 32][..], 320, 64, true),
+        (&[160][..], 1088, 256, false),
     ] {
-        let (a, b) = (
-            weight(&gpu, rows, cols, blocksize, double_quant),
-            weight(&gpu, other_rows, cols, blocksize, double_quant),
-        );
+        let weights: Vec<Weight> = heights
+            .iter()
+            .map(|&rows| weight(&gpu, rows, cols, blocksize, double_quant))
+            .collect();
         for dtype in [DType::F16, DType::BF16] {
             for batch in [1, 3, 8] {
                 let x = Tensor::randn(0f32, 1.0, (batch, cols), &gpu)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let zeros = |n| Tensor::zeros((batch, n), dtype, &gpu).unwrap();
-                let (ya, yb) = (zeros(rows), zeros(other_rows));
-                unsafe {
-                    a.gpu
-                        .gemv_pair_into(&b.gpu, dtype, ptr(&x), ptr(&ya), ptr(&yb), batch)
+                let ys: Vec<Tensor> = heights
+                    .iter()
+                    .map(|&n| Tensor::zeros((batch, n), dtype, &gpu).unwrap())
+                    .collect();
+                let outputs: Vec<_> = weights
+                    .iter()
+                    .zip(&ys)
+                    .map(|(w, y)| (&w.gpu, ptr(y)))
+                    .collect();
+                let launched = unsafe {
+                    CudaNf4Tensor::gemv_group_into(&outputs, dtype, GemvInput::Rows(ptr(&x)), batch)
                 }
                 .unwrap();
-                let case = format!("{rows}x{cols} + {other_rows} rows, {dtype:?}, batch {batch}");
-                assert_eq!(
-                    to_f64(&ya),
-                    to_f64(&a.gpu.matmul(&x).unwrap()),
-                    "{case}: first"
-                );
-                assert_eq!(
-                    to_f64(&yb),
-                    to_f64(&b.gpu.matmul(&x).unwrap()),
-                    "{case}: second"
-                );
+                let case = format!("{heights:?} x {cols}, {dtype:?}, batch {batch}");
+                assert!(launched, "{case}: not launched");
+                for (i, (w, y)) in weights.iter().zip(&ys).enumerate() {
+                    let err = relative_error(&to_f64(y), &cpu_product(w, &x));
+                    assert!(
+                        err < tolerance(dtype),
+                        "{case}: weight {i}: relative error {err:.2e}"
+                    );
+                }
             }
         }
+    }
+    let tiled = weight(&gpu, 32, 128, 64, true);
+    let untiled = weight(&gpu, 33, 128, 64, true);
+    let wider = weight(&gpu, 32, 192, 64, true);
+    let other_blocksize = weight(&gpu, 32, 128, 128, true);
+    let x = Tensor::zeros((1, 128), DType::F16, &gpu).unwrap();
+    let y = Tensor::zeros((1, 64), DType::F16, &gpu).unwrap();
+    for (group, why) in [
+        (
+            vec![&tiled, &untiled],
+            "a weight the tiled kernel does not take",
+        ),
+        (vec![&tiled, &wider], "widths that differ"),
+        (vec![&tiled, &other_blocksize], "blocksizes that differ"),
+        (vec![&tiled; 4], "four weights"),
+    ] {
+        let outputs: Vec<_> = group.iter().map(|w| (&w.gpu, ptr(&y))).collect();
+        let launched = unsafe {
+            CudaNf4Tensor::gemv_group_into(&outputs, DType::F16, GemvInput::Rows(ptr(&x)), 1)
+        }
+        .unwrap();
+        assert!(!launched, "{why}: launched");
     }
 }

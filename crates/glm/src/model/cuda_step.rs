@@ -3,10 +3,10 @@
 //!
 //! [`Model::forward`] decodes op by op through candle: about 65 launches per layer, each with host-side
 //! dispatch and an allocation, which costs far more than reading the weights (benches/results/decode-overhead.md).
-//! [`CudaDecoder`] runs the same arithmetic as ten kernels per layer (RMSNorm fused with the residual add before
-//! it, k and v in one GEMV launch, bias + rotary + KV-cache write in one, silu·up in one, GEMVs writing into
-//! scratch buffers; with `GLM_RUN_FUSED_NORMS=1`, eight: each norm computed by the GEMV after it) with nothing
-//! allocated per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
+//! [`CudaDecoder`] runs the same arithmetic as nine kernels per layer (RMSNorm fused with the residual add before
+//! it, q, k and v in one GEMV launch, bias + rotary + KV-cache write in one, silu·up in one, GEMVs writing into
+//! scratch buffers; seven at batch 1, where each norm is computed by the GEMVs after it) with nothing allocated
+//! per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
 //! previous step's greedy argmax wrote, the rotary and attention kernels read the position, and the argmax kernel
 //! advances it, so that every step has the same arguments and one CUDA graph, captured at the second step,
 //! serves all the others. The only host-device traffic per token is reading the chosen token ids back.
@@ -20,7 +20,8 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
 use glm_kernels::{
-    device_pointer, AttentionAt, DecodeKernels, DevicePointer, NormedInput, RotaryKvWrite,
+    device_pointer, AttentionAt, CudaNf4Tensor, DecodeKernels, DenseGemv, DevicePointer, GemvInput,
+    NormedInput, RotaryKvWrite,
 };
 use std::sync::Arc;
 
@@ -188,7 +189,7 @@ impl<'m> CudaDecoder<'m> {
             captured: None,
             host_tokens: Vec::new(),
             steps: 0,
-            fused_norms: fused_norms_from_env(),
+            fused_norms: fused_norms_from_env().unwrap_or(batch == 1),
         })
     }
 
@@ -197,10 +198,11 @@ impl<'m> CudaDecoder<'m> {
         self.steps
     }
 
-    /// Whether the projection after each norm computes the norm itself (every block into its shared memory, no
-    /// norm kernel between the two GEMVs) where its kernel can. Off unless `GLM_RUN_FUSED_NORMS=1`: the kernels
-    /// were written in a session without device time and have not been run on a GPU yet
-    /// (benches/results/decode-overhead.md); the GPU tests compare both ways.
+    /// Whether the projections after each norm compute the norm themselves (every block into its shared memory, no
+    /// norm kernel between two GEMVs) where their kernel can. By default on for a batch of one row, off for more:
+    /// measured on an H200 (benches/results/decode-overhead.md), it gains at batch 1 and loses at batch 4 and 8,
+    /// where every block normalizes all rows. `GLM_RUN_FUSED_NORMS=1` or `0` overrides the default; the GPU tests
+    /// compare both ways.
     pub fn set_fused_norms(&mut self, on: bool) {
         if on != self.fused_norms {
             self.fused_norms = on;
@@ -413,7 +415,7 @@ impl<'m> CudaDecoder<'m> {
         let b = &self.buffers;
         let p = |slice: &CudaSlice<u8>| device_pointer(slice, &self.dev);
         let [first, second] = [p(&b.residuals[0]), p(&b.residuals[1])];
-        let (normed, projected) = (p(&b.normed), p(&b.projected));
+        let projected = p(&b.projected);
         let position = device_pointer(&b.position, &self.dev);
         let k = &self.kernels;
         // What the next norm adds to the residual: the previous layer's MLP output (in `projected`) and, for
@@ -431,12 +433,13 @@ impl<'m> CudaDecoder<'m> {
                     delta_weight: mlp_output.flatten(),
                     weight: layer.input_norm,
                     residual_out: Some(second),
-                    // k and v read it.
-                    normed_out: Some(normed),
+                    normed_out: None,
                     eps,
                 };
-                self.project_normed(&layer.q, &attention_input, q_raw)?;
-                self.project_pair(&layer.k, &layer.v, normed, k_raw, v_raw)?;
+                self.project_normed(
+                    &[(&layer.q, q_raw), (&layer.k, k_raw), (&layer.v, v_raw)],
+                    &attention_input,
+                )?;
                 let (k_cache, v_cache) = cache[i];
                 k.rotary_kv_write(&RotaryKvWrite {
                     batch: rows,
@@ -470,7 +473,7 @@ impl<'m> CudaDecoder<'m> {
                     scratch: p(&b.attention_scratch),
                 })
                 .map_err(kernel_error)?;
-                self.project(&layer.o, p(&b.attention), projected)?;
+                self.project(&[(&layer.o, projected)], p(&b.attention))?;
                 let mlp_input = NormedInput {
                     residual: second,
                     delta: Some(projected),
@@ -480,10 +483,10 @@ impl<'m> CudaDecoder<'m> {
                     normed_out: None,
                     eps,
                 };
-                self.project_normed(&layer.gate_up, &mlp_input, p(&b.gate_up))?;
+                self.project_normed(&[(&layer.gate_up, p(&b.gate_up))], &mlp_input)?;
                 k.silu_mul(p(&b.gate_up), p(&b.activation), rows, c.intermediate_size)
                     .map_err(kernel_error)?;
-                self.project(&layer.down, p(&b.activation), projected)?;
+                self.project(&[(&layer.down, projected)], p(&b.activation))?;
                 mlp_output = Some(layer.post_sublayer_norms.map(|(_, mlp)| mlp));
             }
             let head_input = NormedInput {
@@ -495,7 +498,7 @@ impl<'m> CudaDecoder<'m> {
                 normed_out: None,
                 eps,
             };
-            self.project_normed(&self.lm_head, &head_input, p(&b.logits))?;
+            self.project_normed(&[(&self.lm_head, p(&b.logits))], &head_input)?;
             k.argmax_rows(
                 p(&b.logits),
                 c.vocab_size,
@@ -508,29 +511,19 @@ impl<'m> CudaDecoder<'m> {
         }
     }
 
-    /// `y = x · Wᵀ` with x the step's rows that `input` describes: normalized by the GEMV itself where its kernel
-    /// can, else by the norm kernel into the `normed` buffer first.
+    /// `y_i = x · W_iᵀ` for each `(W_i, y_i)` of `outputs` (weights of one input width), with x the step's rows
+    /// that `input` describes: normalized by the GEMV itself where its kernel can (and the step fuses norms), else
+    /// by the norm kernel into the `normed` buffer first.
     ///
     /// # Safety
-    /// `input`'s rows and weights are the step's buffers and the model's norms; `y` holds `batch` rows of the
+    /// `input`'s rows and weights are the step's buffers and the model's norms; each `y_i` holds `batch` rows of its
     /// weight's output width.
     unsafe fn project_normed(
         &self,
-        weight: &Projection<'_>,
+        outputs: &[(&Projection<'_>, DevicePointer)],
         input: &NormedInput,
-        y: DevicePointer,
     ) -> Result<()> {
-        let dtype = self.kernels.dtype();
-        let launched = self.fused_norms
-            && match weight {
-                Projection::Nf4(w) => unsafe { w.gemv_normed_into(dtype, input, y, self.batch) },
-                &Projection::Dense { weight, n, k } => unsafe {
-                    self.kernels
-                        .gemv_dense_normed(weight, input, y, self.batch, n, k)
-                },
-            }
-            .map_err(kernel_error)?;
-        if launched {
+        if self.fused_norms && unsafe { self.project_group(outputs, GemvInput::Normed(*input)) }? {
             return Ok(());
         }
         let normed = device_pointer(&self.buffers.normed, &self.dev);
@@ -542,65 +535,84 @@ impl<'m> CudaDecoder<'m> {
             self.kernels
                 .residual_rms_norm(&input, self.batch, self.model.config().hidden_size)
                 .map_err(kernel_error)?;
-            self.project(weight, normed, y)
+            self.project(outputs, normed)
         }
     }
 
-    /// `y = x · Wᵀ` for the step's rows.
+    /// `y_i = x · W_iᵀ` for each `(W_i, y_i)` of `outputs` and the step's rows x: one launch where the weights
+    /// allow it, else one per weight.
     ///
     /// # Safety
-    /// `x` holds `batch` rows of the weight's input width and `y` of its output width.
+    /// `x` holds `batch` rows of the weights' input width and each `y_i` of its weight's output width.
     unsafe fn project(
         &self,
-        weight: &Projection<'_>,
+        outputs: &[(&Projection<'_>, DevicePointer)],
         x: DevicePointer,
-        y: DevicePointer,
     ) -> Result<()> {
-        let dtype = self.kernels.dtype();
-        match weight {
-            Projection::Nf4(w) => unsafe { w.gemv_into(dtype, x, y, self.batch) },
-            &Projection::Dense { weight, n, k } => unsafe {
-                self.kernels.gemv_dense(weight, x, y, self.batch, n, k)
-            },
+        if unsafe { self.project_group(outputs, GemvInput::Rows(x)) }? {
+            return Ok(());
         }
-        .map_err(kernel_error)
+        let dtype = self.kernels.dtype();
+        for &(weight, y) in outputs {
+            match *weight {
+                Projection::Nf4(w) => unsafe { w.gemv_into(dtype, x, y, self.batch) },
+                Projection::Dense { weight, n, k } => unsafe {
+                    self.kernels
+                        .gemv_dense(
+                            &[DenseGemv { weight, y, n }],
+                            GemvInput::Rows(x),
+                            self.batch,
+                            k,
+                        )
+                        .map(drop)
+                },
+            }
+            .map_err(kernel_error)?;
+        }
+        Ok(())
     }
 
-    /// `y0 = x · W0ᵀ`, `y1 = x · W1ᵀ` (k and v): one launch when both weights are of one kind and shape.
+    /// `y_i = x · W_iᵀ` for all of `outputs` in one launch where their kernel can take them together (all NF4, or
+    /// all dense of one input width) and take `input`; false, launching nothing, where not.
     ///
     /// # Safety
-    /// As [`Self::project`], for both.
-    unsafe fn project_pair(
+    /// As [`Self::project_normed`] for a [`GemvInput::Normed`] input, as [`Self::project`] for rows.
+    unsafe fn project_group(
         &self,
-        w0: &Projection<'_>,
-        w1: &Projection<'_>,
-        x: DevicePointer,
-        y0: DevicePointer,
-        y1: DevicePointer,
-    ) -> Result<()> {
-        let dtype = self.kernels.dtype();
-        match (w0, w1) {
-            (Projection::Nf4(a), Projection::Nf4(b)) => unsafe {
-                a.gemv_pair_into(b, dtype, x, y0, y1, self.batch)
-                    .map_err(kernel_error)
-            },
-            (
-                &Projection::Dense { weight: a, n, k },
-                &Projection::Dense {
-                    weight: b,
-                    n: n1,
-                    k: k1,
-                },
-            ) if (n, k) == (n1, k1) => unsafe {
-                self.kernels
-                    .gemv_dense_pair([(a, y0), (b, y1)], x, self.batch, n, k)
-                    .map_err(kernel_error)
-            },
-            _ => unsafe {
-                self.project(w0, x, y0)?;
-                self.project(w1, x, y1)
-            },
+        outputs: &[(&Projection<'_>, DevicePointer)],
+        input: GemvInput,
+    ) -> Result<bool> {
+        let nf4: Option<Vec<_>> = outputs
+            .iter()
+            .map(|&(weight, y)| match *weight {
+                Projection::Nf4(w) => Some((w, y)),
+                Projection::Dense { .. } => None,
+            })
+            .collect();
+        if let Some(nf4) = nf4 {
+            return unsafe {
+                CudaNf4Tensor::gemv_group_into(&nf4, self.kernels.dtype(), input, self.batch)
+            }
+            .map_err(kernel_error);
         }
+        let dense: Option<Vec<_>> = outputs
+            .iter()
+            .map(|&(weight, y)| match *weight {
+                Projection::Dense { weight, n, k } => Some((DenseGemv { weight, y, n }, k)),
+                Projection::Nf4(_) => None,
+            })
+            .collect();
+        let Some(dense) = dense else {
+            return Ok(false);
+        };
+        let Some(&(_, k)) = dense.first() else {
+            return Ok(true);
+        };
+        if dense.iter().any(|&(_, width)| width != k) {
+            return Ok(false);
+        }
+        let weights: Vec<DenseGemv> = dense.into_iter().map(|(w, _)| w).collect();
+        unsafe { self.kernels.gemv_dense(&weights, input, self.batch, k) }.map_err(kernel_error)
     }
 }
 
@@ -718,9 +730,13 @@ fn slice_pointer(
     Ok(base + (offset * dtype.size_in_bytes()) as u64)
 }
 
-/// `GLM_RUN_FUSED_NORMS=1`: see [`CudaDecoder::set_fused_norms`].
-fn fused_norms_from_env() -> bool {
-    std::env::var("GLM_RUN_FUSED_NORMS").is_ok_and(|v| v.trim() == "1")
+/// `GLM_RUN_FUSED_NORMS=1` or `0` overrides the default of [`CudaDecoder::set_fused_norms`].
+fn fused_norms_from_env() -> Option<bool> {
+    match std::env::var("GLM_RUN_FUSED_NORMS").ok()?.trim() {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
 }
 
 fn unsupported(why: &str) -> GlmError {
