@@ -5,8 +5,9 @@
 #   run(command="bash benches/decode-rates.sh", carry=[".gpu-pack"])
 # SETTINGS lists space-separated environment assignments, one setting per word ("-" = none); each runs glm-bench
 # (a prompt of each length in PROMPTS, NEW_TOKENS new, 1 warm-up + 3 runs, median) for every precision in
-# QUANTS. Run records go to $OUT/decode-<quant>-<prompt>-<setting>.json, the table to stdout and
-# $OUT/decode-rates.md.
+# QUANTS. PACKS lists packs of binaries (default .gpu-pack/glm-gpu.tar.xz), so that two builds can be compared in
+# one call (keep an earlier pack beside the new one in .gpu-pack/); each pack's runs are labelled by its file name.
+# Run records go to $OUT/decode-<pack>-<quant>-<prompt>-<setting>.json, the table to stdout and $OUT/decode-rates.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.decode-out}
@@ -18,22 +19,27 @@ NEW_TOKENS=${NEW_TOKENS:-64}
 PROMPTS=${PROMPTS:-128}
 MODEL=${MODEL:-/tmp/glm4-9b-synthetic}
 
-work=$(mktemp -d)
-tar -C "$work" -xJf .gpu-pack/glm-gpu.tar.xz || exit 2
-cat "$work/build-info.txt"
+PACKS=${PACKS:-.gpu-pack/glm-gpu.tar.xz}
+
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 [ -f "$MODEL/config.json" ] || python3 benches/peers.py make-synthetic --preset glm4-9b --out "$MODEL" || exit 1
 
-for quant in $QUANTS; do
-    for prompt in $PROMPTS; do
-        for setting in $SETTINGS; do
-            name=$quant-$prompt-${setting//[^A-Za-z0-9]/_}
-            env_args=()
-            [ "$setting" = - ] || env_args=("$setting")
-            echo "=== $quant, prompt $prompt, $setting"
-            env "${env_args[@]}" "$work/bin/glm-bench" run --model "$MODEL" --quant "$quant" \
-                --context $((prompt + NEW_TOKENS + 64)) --prompt-lengths "$prompt" --new-tokens "$NEW_TOKENS" \
-                --warmup 1 --reps 3 --out "$OUT/decode-$name.json" || echo "decode-rates: $name failed"
+for pack in $PACKS; do
+    label=$(basename "$pack" .tar.xz)
+    work=$(mktemp -d)
+    tar -C "$work" -xJf "$pack" || exit 2
+    echo "=== pack $label: $(tr '\n' ' ' <"$work/build-info.txt")"
+    for quant in $QUANTS; do
+        for prompt in $PROMPTS; do
+            for setting in $SETTINGS; do
+                name=$label-$quant-$prompt-${setting//[^A-Za-z0-9]/_}
+                env_args=()
+                [ "$setting" = - ] || env_args=("$setting")
+                echo "=== $label, $quant, prompt $prompt, $setting"
+                env "${env_args[@]}" "$work/bin/glm-bench" run --model "$MODEL" --quant "$quant" \
+                    --context $((prompt + NEW_TOKENS + 64)) --prompt-lengths "$prompt" --new-tokens "$NEW_TOKENS" \
+                    --warmup 1 --reps 3 --out "$OUT/decode-$name.json" || echo "decode-rates: $name failed"
+            done
         done
     done
 done

@@ -25,8 +25,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for quant in $QUANTS; do
     "$work/bin/glm-bench" run --model "$MODEL" --quant "$quant" --context 1024 --prompt-lengths 128 \
         --new-tokens 64 --warmup 1 --reps 3 --out "$OUT/bench-$quant.json" || exit 1
-    # fused launches the graph's kernels one by one: the same list, so only graph and plain are profiled.
-    for mode in plain graph; do
+    # fused launches the graph's kernels one by one: the same list, so only graph and plain are profiled (MODES).
+    for mode in ${MODES:-plain graph}; do
         for tokens in 2 3; do
             name=$quant-$mode-$tokens
             ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \

@@ -19,6 +19,7 @@ mod launch;
 mod layout;
 mod matmul;
 mod quantize;
+mod sampling;
 mod tensor;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ pub use decode::{
 };
 pub use gemm::FUSED_GEMM_BLOCK_TOKENS;
 pub use matmul::{GEMV_GROUP, GEMV_MAX_ROWS};
+pub use sampling::{sampling_scratch_bytes, SampleParams, SampleRows, SamplingKernels};
 pub use tensor::{CudaNf4Tensor, HostAbsmax, HostNf4};
 
 /// One kernels/*.cu as build.rs compiled it: a fatbin with SASS for sm_90 and PTX for newer GPUs.
@@ -65,6 +67,7 @@ pub(crate) const NORM: Module = module!("norm");
 pub(crate) const QUANTIZE: Module = module!("quantize_nf4");
 pub(crate) const REPACK: Module = module!("repack_nf4");
 pub(crate) const ROTARY: Module = module!("rotary");
+pub(crate) const SAMPLING: Module = module!("sampling");
 
 impl Module {
     /// Kernel `function` of this module on `dev`'s CUDA context; the module is loaded once per context and

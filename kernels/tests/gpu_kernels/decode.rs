@@ -232,7 +232,8 @@ fn normed_gemvs_match_the_reference() {
                             let error = relative_error(&to_f64(y), &cpu_product(w, &x));
                             assert!(error <= tolerance, "NF4 {what}: {which} y {error:.2e}");
                         }
-                        // The norm kernel gives the same sum (no reduction in it) and nearly the same x.
+                        // The norm kernel gives the same sum (no reduction in it, unless the delta is normalized
+                        // first: then a rounding of its norm may differ) and nearly the same x.
                         let norm_out = Tensor::zeros((rows, dim), dtype, &gpu).unwrap();
                         let norm_x = norm_out.zeros_like().unwrap();
                         let separate = NormedInput {
@@ -241,7 +242,13 @@ fn normed_gemvs_match_the_reference() {
                             ..input
                         };
                         unsafe { k.residual_rms_norm(&separate, rows, dim) }.unwrap();
-                        assert_eq!(to_f64(&norm_out), to_f64(&kept[4]), "NF4 {what}: sum");
+                        let (sum, want) = (to_f64(&kept[4]), to_f64(&norm_out));
+                        if input.delta_weight.is_none() {
+                            assert_eq!(sum, want, "NF4 {what}: sum");
+                        } else {
+                            let error = relative_error(&sum, &want);
+                            assert!(error <= tolerance, "NF4 {what}: sum {error:.2e}");
+                        }
                     }
 
                     let (kept, input) = case.upload(&gpu, eps as f32);
