@@ -344,7 +344,7 @@ fn timed_batch_decode(
     let start = Instant::now();
     for _ in 1..new_tokens {
         step.step(&mut cache)?;
-        rows.push(step.greedy_tokens()?);
+        rows.push(step.chosen_tokens()?);
     }
     let secs = start.elapsed().as_secs_f64();
     let same = rows.iter().all(|r| r.iter().all(|&t| t == r[0]));

@@ -89,7 +89,7 @@ pub fn generate_with(
     if let Some(finish) = choose(token, &mut context) {
         return Ok(Generation { tokens, finish });
     }
-    let mut decoder = Decoder::new(model, mode, sampler)?;
+    let mut decoder = Decoder::new(model, mode, sampler, &context)?;
     loop {
         token = decoder.next(&mut cache, token, sampler, &context)?;
         if let Some(finish) = choose(token, &mut context) {
@@ -105,14 +105,15 @@ enum Decoder<'m> {
     #[cfg(feature = "cuda")]
     Fused {
         step: crate::model::CudaDecoder<'m>,
-        /// Whether the device's greedy argmax is the sampler's choice (no penalty, no sampling): then the
-        /// chosen token stays on the device as the next step's input, and only the first step is given one.
+        /// Whether the device chooses as the sampler would (all but greedy decoding with a repetition penalty):
+        /// then the chosen token stays on the device as the next step's input, and only the first step is given
+        /// one; else the host samples from the copied logits.
         on_device: bool,
     },
 }
 
 impl<'m> Decoder<'m> {
-    fn new(model: &'m Model, mode: DecodeMode, sampler: &Sampler) -> Result<Self> {
+    fn new(model: &'m Model, mode: DecodeMode, sampler: &Sampler, context: &[u32]) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if mode != DecodeMode::Plain && model.device().is_cuda() {
             let launch = match mode {
@@ -120,19 +121,16 @@ impl<'m> Decoder<'m> {
                 _ => crate::model::StepLaunch::Direct,
             };
             match crate::model::CudaDecoder::new(model, 1, launch) {
-                Ok(step) => {
-                    let config = sampler.config();
-                    return Ok(Decoder::Fused {
-                        step,
-                        on_device: config.is_greedy() && config.repetition_penalty == 1.0,
-                    });
+                Ok(mut step) => {
+                    let on_device = step.choose_on_device(sampler.config(), &[context])?;
+                    return Ok(Decoder::Fused { step, on_device });
                 }
                 // Models the fused step does not cover decode op by op.
                 Err(GlmError::Unsupported(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        let _ = (mode, sampler);
+        let _ = (mode, sampler, context);
         Ok(Decoder::Plain(model))
     }
 
@@ -155,9 +153,12 @@ impl<'m> Decoder<'m> {
                 if !*on_device || step.steps() == 0 {
                     step.set_tokens(cache, &[token])?;
                 }
+                if step.samples_on_device() {
+                    step.set_uniforms(&[sampler.draw_uniform()])?;
+                }
                 step.step(cache)?;
                 if *on_device {
-                    return Ok(step.greedy_tokens()?[0]);
+                    return Ok(step.chosen_tokens()?[0]);
                 }
                 Ok(sampler.sample_tensor(&step.logits()?, context)?)
             }

@@ -286,6 +286,12 @@ impl Sampler {
         Ok(chosen as u32)
     }
 
+    /// The next number of the random stream that [`Sampler::sample`] draws from, for a draw made elsewhere (the
+    /// GPU's, `CudaDecoder::set_uniforms`): one per sampled token keeps the two choosing the same tokens.
+    pub fn draw_uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
     /// As [`Sampler::sample`], for logits in a tensor of shape `[vocab]` or `[1, .., 1, vocab]`, any
     /// float dtype, on any device.
     pub fn sample_tensor(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {

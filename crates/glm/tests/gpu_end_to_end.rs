@@ -513,15 +513,23 @@ mod decode_step {
                         "{what}: prompt {i}: greedy tokens, {mode:?} vs plain"
                     );
                 }
-                // Sampling on the host from the fused step's logits (f32 only: the draws must not sit
-                // on a rounding difference).
+                // Sampling on the device (with and without the repetition penalty's seen mask) and, for greedy
+                // decoding with a penalty, on the host from the step's logits; f32 only: the draws must not sit
+                // on a rounding difference.
                 if dtype == DType::F32 {
-                    let plain = tokens_in(&model, prompt, DecodeMode::Plain, sampled.clone());
-                    let got = tokens_in(&model, prompt, DecodeMode::Graph, sampled.clone());
-                    assert_eq!(
-                        got, plain,
-                        "{what}: prompt {i}: sampled tokens, graph vs plain"
-                    );
+                    let unpenalized = SamplingConfig {
+                        repetition_penalty: 1.0,
+                        ..sampled.clone()
+                    };
+                    let penalized_greedy = SamplingConfig {
+                        repetition_penalty: 1.3,
+                        ..SamplingConfig::greedy()
+                    };
+                    for config in [&sampled, &unpenalized, &penalized_greedy] {
+                        let plain = tokens_in(&model, prompt, DecodeMode::Plain, config.clone());
+                        let got = tokens_in(&model, prompt, DecodeMode::Graph, config.clone());
+                        assert_eq!(got, plain, "{what}: prompt {i}: {config:?}, graph vs plain");
+                    }
                 }
             }
             println!("{what}: plain, fused and graph decode give the same tokens");

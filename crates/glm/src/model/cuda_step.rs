@@ -20,8 +20,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
 use glm_kernels::{
-    device_pointer, AttentionAt, CudaNf4Tensor, DecodeKernels, DenseGemv, DevicePointer, GemvInput,
-    NormedInput, RotaryKvWrite,
+    device_pointer, sampling_scratch_bytes, AttentionAt, CudaNf4Tensor, DecodeKernels, DenseGemv,
+    DevicePointer, GemvInput, NormedInput, RotaryKvWrite, SampleParams, SampleRows,
+    SamplingKernels,
 };
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use super::{DecoderLayer, KvCache, Model};
 use crate::error::{GlmError, Result};
 use crate::gpu::kernel_error;
 use crate::linear::{Linear, LinearWeight};
+use crate::sampling::SamplingConfig;
 
 /// A projection as the step launches it.
 enum Projection<'m> {
@@ -80,6 +82,26 @@ struct Buffers {
     inv_freq: CudaSlice<f32>,
 }
 
+/// How the step's last kernel chooses the next tokens on the device.
+enum DeviceChoice {
+    /// The first maximum of each row (greedy decoding).
+    Greedy,
+    /// A draw as the host's `Sampler` makes it, from uniform numbers the host writes before each step
+    /// ([`CudaDecoder::set_uniforms`]).
+    Sample(Box<DeviceSampler>),
+}
+
+/// The sampling kernel and its buffers.
+struct DeviceSampler {
+    kernels: SamplingKernels,
+    params: SampleParams,
+    /// f64 per sequence.
+    uniforms: CudaSlice<f64>,
+    /// u8 `[batch, vocab]`: the tokens the repetition penalty applies to, when it is on.
+    seen: Option<CudaSlice<u8>>,
+    scratch: CudaSlice<u8>,
+}
+
 /// A captured decode step and the KV-cache buffers it was captured with.
 struct CapturedStep {
     graph: CudaGraph,
@@ -115,6 +137,7 @@ pub struct CudaDecoder<'m> {
     steps: usize,
     /// Whether projections after a norm compute it themselves ([`Self::set_fused_norms`]).
     fused_norms: bool,
+    choice: DeviceChoice,
 }
 
 impl<'m> CudaDecoder<'m> {
@@ -190,6 +213,7 @@ impl<'m> CudaDecoder<'m> {
             host_tokens: Vec::new(),
             steps: 0,
             fused_norms: fused_norms_from_env().unwrap_or(batch == 1),
+            choice: DeviceChoice::Greedy,
         })
     }
 
@@ -208,6 +232,95 @@ impl<'m> CudaDecoder<'m> {
             self.fused_norms = on;
             self.captured = None;
         }
+    }
+
+    /// Makes the step end by choosing the next tokens as a [`crate::sampling::Sampler`] with `config` would, on the
+    /// device: the first maximum for greedy decoding, else a draw from the uniform numbers given to
+    /// [`Self::set_uniforms`] before each step (the sampler's own, so that the device chooses what the host would,
+    /// up to rounding at the edge of a token's share). `contexts` holds each sequence's tokens so far (prompt and
+    /// output), which the repetition penalty applies to; the device adds each chosen token. Returns false, changing
+    /// nothing, for what the device cannot choose (greedy decoding with a repetition penalty): the host then
+    /// chooses from [`Self::logits`]. The default is greedy.
+    pub fn choose_on_device(
+        &mut self,
+        config: &SamplingConfig,
+        contexts: &[&[u32]],
+    ) -> Result<bool> {
+        config.validate()?;
+        let penalty = config.repetition_penalty != 1.0;
+        if config.is_greedy() {
+            if penalty {
+                return Ok(false);
+            }
+            self.choice = DeviceChoice::Greedy;
+            self.captured = None;
+            return Ok(true);
+        }
+        if contexts.len() != self.batch {
+            return Err(GlmError::Input(format!(
+                "{} contexts for a decoder of {} sequences",
+                contexts.len(),
+                self.batch
+            )));
+        }
+        let vocab = self.model.config().vocab_size;
+        let seen = if penalty {
+            let mut mask = vec![0u8; self.batch * vocab];
+            for (row, context) in contexts.iter().enumerate() {
+                for &id in *context {
+                    if id as usize >= vocab {
+                        return Err(GlmError::Input(format!(
+                            "token id {id} of the context is outside the vocabulary of {vocab} tokens"
+                        )));
+                    }
+                    mask[row * vocab + id as usize] = 1;
+                }
+            }
+            Some(self.stream.clone_htod(&mask).map_err(candle)?)
+        } else {
+            None
+        };
+        self.choice = DeviceChoice::Sample(Box::new(DeviceSampler {
+            kernels: SamplingKernels::new(&self.dev).map_err(kernel_error)?,
+            params: SampleParams {
+                temperature: config.temperature,
+                top_k: config.top_k,
+                top_p: config.top_p,
+                repetition_penalty: config.repetition_penalty,
+            },
+            uniforms: self.stream.alloc_zeros::<f64>(self.batch).map_err(candle)?,
+            seen,
+            scratch: self
+                .stream
+                .alloc_zeros::<u8>(sampling_scratch_bytes(self.batch, vocab))
+                .map_err(candle)?,
+        }));
+        self.captured = None;
+        Ok(true)
+    }
+
+    /// Whether the step draws tokens on the device, needing [`Self::set_uniforms`] before each step.
+    pub fn samples_on_device(&self) -> bool {
+        matches!(self.choice, DeviceChoice::Sample(_))
+    }
+
+    /// The uniform numbers in [0, 1) of the next step's draws, one per sequence (see [`Self::choose_on_device`]).
+    pub fn set_uniforms(&mut self, uniforms: &[f64]) -> Result<()> {
+        let DeviceChoice::Sample(sampler) = &mut self.choice else {
+            return Err(GlmError::Input(
+                "uniform numbers for a decoder that does not sample on the device".into(),
+            ));
+        };
+        if uniforms.len() != self.batch || !uniforms.iter().all(|u| (0.0..1.0).contains(u)) {
+            return Err(GlmError::Input(format!(
+                "{uniforms:?}: the draws take {} numbers in [0, 1)",
+                self.batch
+            )));
+        }
+        self.stream
+            .memcpy_htod(uniforms, &mut sampler.uniforms)
+            .map_err(candle)?;
+        Ok(())
     }
 
     /// Sets the next step's input: one token id per sequence, at the position after what `cache` holds (after a
@@ -238,7 +351,7 @@ impl<'m> CudaDecoder<'m> {
     }
 
     /// Runs one token per sequence (the ids last set or chosen on the device) through the model, appending to
-    /// `cache`, and leaves the logits and the greedy choice of the next tokens on the device.
+    /// `cache`, and leaves the logits and the device's choice of the next tokens there.
     pub fn step(&mut self, cache: &mut KvCache) -> Result<()> {
         let (cache_pointers, capacity) = self.check_cache(cache)?;
         self.embed()?;
@@ -262,16 +375,16 @@ impl<'m> CudaDecoder<'m> {
         Ok(())
     }
 
-    /// The greedy choice after the last step, one id per sequence: the device already holds it as the next
-    /// step's input. Reading it waits for the step to finish.
-    pub fn greedy_tokens(&mut self) -> Result<Vec<u32>> {
+    /// The device's choice after the last step ([`Self::choose_on_device`]), one id per sequence: the device
+    /// already holds it as the next step's input. Reading it waits for the step to finish.
+    pub fn chosen_tokens(&mut self) -> Result<Vec<u32>> {
         let tokens = self
             .stream
             .clone_dtoh(&self.buffers.tokens)
             .map_err(candle)?;
         if tokens.contains(&u32::MAX) {
             return Err(GlmError::Input(
-                "the logits hold NaN: the model's weights or activations overflowed (try --dtype bf16 or f32)"
+                "the logits hold NaN or infinity: the model's weights or activations overflowed (try --dtype bf16 or f32)"
                     .into(),
             ));
         }
@@ -407,7 +520,7 @@ impl<'m> CudaDecoder<'m> {
     }
 
     /// Every launch of one step after the embedding: the layers, the lm_head (which applies the final norm) and
-    /// the argmax.
+    /// the choice of the next tokens.
     fn launch_body(&self, cache: &[(DevicePointer, DevicePointer)], capacity: usize) -> Result<()> {
         let c = self.model.config();
         let rows = self.batch;
@@ -499,14 +612,29 @@ impl<'m> CudaDecoder<'m> {
                 eps,
             };
             self.project_normed(&[(&self.lm_head, p(&b.logits))], &head_input)?;
-            k.argmax_rows(
-                p(&b.logits),
-                c.vocab_size,
-                device_pointer(&b.tokens, &self.dev),
-                position,
-                rows,
-                p(&b.argmax_scratch),
-            )
+            let tokens = device_pointer(&b.tokens, &self.dev);
+            match &self.choice {
+                DeviceChoice::Greedy => k.argmax_rows(
+                    p(&b.logits),
+                    c.vocab_size,
+                    tokens,
+                    position,
+                    rows,
+                    p(&b.argmax_scratch),
+                ),
+                DeviceChoice::Sample(s) => s.kernels.sample_rows(&SampleRows {
+                    logits: p(&b.logits),
+                    dtype: k.dtype(),
+                    rows,
+                    vocab: c.vocab_size,
+                    tokens,
+                    pos: position,
+                    uniforms: device_pointer(&s.uniforms, &self.dev),
+                    seen: s.seen.as_ref().map(|seen| device_pointer(seen, &self.dev)),
+                    scratch: p(&s.scratch),
+                    params: s.params,
+                }),
+            }
             .map_err(kernel_error)
         }
     }
