@@ -256,23 +256,13 @@ impl<'m> CudaDecoder<'m> {
             self.captured = None;
             return Ok(true);
         }
-        if contexts.len() != self.batch {
-            return Err(GlmError::Input(format!(
-                "{} contexts for a decoder of {} sequences",
-                contexts.len(),
-                self.batch
-            )));
-        }
+        self.check_batch(contexts.len(), "contexts")?;
         let vocab = self.model.config().vocab_size;
         let seen = if penalty {
             let mut mask = vec![0u8; self.batch * vocab];
             for (row, context) in contexts.iter().enumerate() {
                 for &id in *context {
-                    if id as usize >= vocab {
-                        return Err(GlmError::Input(format!(
-                            "token id {id} of the context is outside the vocabulary of {vocab} tokens"
-                        )));
-                    }
+                    self.check_token(id, "of the context ")?;
                     mask[row * vocab + id as usize] = 1;
                 }
             }
@@ -306,17 +296,17 @@ impl<'m> CudaDecoder<'m> {
 
     /// The uniform numbers in [0, 1) of the next step's draws, one per sequence (see [`Self::choose_on_device`]).
     pub fn set_uniforms(&mut self, uniforms: &[f64]) -> Result<()> {
+        self.check_batch(uniforms.len(), "uniform numbers")?;
+        if let Some(bad) = uniforms.iter().find(|u| !(0.0..1.0).contains(*u)) {
+            return Err(GlmError::Input(format!(
+                "uniform number {bad} is outside [0, 1)"
+            )));
+        }
         let DeviceChoice::Sample(sampler) = &mut self.choice else {
             return Err(GlmError::Input(
                 "uniform numbers for a decoder that does not sample on the device".into(),
             ));
         };
-        if uniforms.len() != self.batch || !uniforms.iter().all(|u| (0.0..1.0).contains(u)) {
-            return Err(GlmError::Input(format!(
-                "{uniforms:?}: the draws take {} numbers in [0, 1)",
-                self.batch
-            )));
-        }
         self.stream
             .memcpy_htod(uniforms, &mut sampler.uniforms)
             .map_err(candle)?;
@@ -326,18 +316,9 @@ impl<'m> CudaDecoder<'m> {
     /// Sets the next step's input: one token id per sequence, at the position after what `cache` holds (after a
     /// prefill, or after the host sampled tokens).
     pub fn set_tokens(&mut self, cache: &KvCache, tokens: &[u32]) -> Result<()> {
-        if tokens.len() != self.batch {
-            return Err(GlmError::Input(format!(
-                "{} token ids for a decoder of {} sequences",
-                tokens.len(),
-                self.batch
-            )));
-        }
-        let vocab = self.model.config().vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(GlmError::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab} tokens"
-            )));
+        self.check_batch(tokens.len(), "token ids")?;
+        for &id in tokens {
+            self.check_token(id, "")?;
         }
         let position = [cache.seq_len as u32];
         self.stream
@@ -417,6 +398,28 @@ impl<'m> CudaDecoder<'m> {
             )?,
         };
         Ok(host.to_dtype(DType::F32)?)
+    }
+
+    /// An error unless `count` (of `what`, one per sequence) is the batch.
+    fn check_batch(&self, count: usize, what: &str) -> Result<()> {
+        if count != self.batch {
+            return Err(GlmError::Input(format!(
+                "{count} {what} for a decoder of {} sequences",
+                self.batch
+            )));
+        }
+        Ok(())
+    }
+
+    /// An error unless token `id` (`what`: where it comes from, with a trailing space) is in the vocabulary.
+    fn check_token(&self, id: u32, what: &str) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if id as usize >= vocab {
+            return Err(GlmError::Input(format!(
+                "token id {id} {what}is outside the vocabulary of {vocab} tokens"
+            )));
+        }
+        Ok(())
     }
 
     /// The KV-cache buffers of every layer, after checking that `cache` fits this decoder and has room.
