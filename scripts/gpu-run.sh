@@ -11,7 +11,8 @@ OUT=${OUT:-$PWD/.gpu-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu-run.log") 2>&1
 
-PACK=.gpu-pack/glm-gpu.tar.xz
+# PACK names another pack than the default (e.g. one of two builds kept for benches/decode-rates.sh PACKS).
+PACK=${PACK:-.gpu-pack/glm-gpu.tar.xz}
 if [ ! -f "$PACK" ]; then
     echo "gpu-run: no $PACK; run scripts/gpu-pack.sh first and name .gpu-pack in the call's carry"
     exit 2
