@@ -160,15 +160,16 @@ impl CudaNf4Tensor {
 
     /// `y_i [rows, N_i] = x [rows, K] · W_iᵀ` for each `(W_i, y_i)` of `outputs` (1 to [`GEMV_GROUP`] weights of
     /// one width K: GLM's q, k and v), in one launch of the tiled tensor-core GEMV, into callers' buffers. x is a
-    /// buffer of rows or the rows a [`NormedInput`](crate::NormedInput) describes, which every block then computes into its shared
-    /// memory, so that no norm kernel runs between two projections of a decode step. Returns false, launching
-    /// nothing, where that kernel cannot: a weight or dtype it does not take, weights that differ in width,
-    /// blocksize or kind of scales, unaligned x, or a normalized x larger than a block's shared memory; the caller
-    /// then normalizes first (`DecodeKernels::residual_rms_norm`) and calls [`Self::gemv_into`] per weight.
+    /// buffer of rows or the rows a [`NormedInput`](crate::NormedInput) describes, which every block then
+    /// computes into its shared memory, so that no norm kernel runs between two projections of a decode step.
+    /// Returns false, launching nothing, where that kernel cannot: a weight or dtype it does not take, weights
+    /// that differ in width, blocksize or kind of scales, unaligned x, or a normalized x larger than a block's
+    /// shared memory; the caller then normalizes first (`DecodeKernels::residual_rms_norm`) and calls
+    /// [`Self::gemv_into`] per weight.
     ///
     /// # Safety
-    /// As [`Self::gemv_into`] for each weight and output; the pointers of a [`NormedInput`](crate::NormedInput) hold `rows * K`
-    /// elements of `dtype` (its weights `K`), and its `residual_out` is not its `residual`.
+    /// As [`Self::gemv_into`] for each weight and output; the pointers of a [`NormedInput`](crate::NormedInput)
+    /// hold `rows * K` elements of `dtype` (its weights `K`), and its `residual_out` is not its `residual`.
     pub unsafe fn gemv_group_into(
         outputs: &[(&CudaNf4Tensor, DevicePointer)],
         dtype: DType,

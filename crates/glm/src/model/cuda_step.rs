@@ -683,22 +683,18 @@ impl<'m> CudaDecoder<'m> {
         if unsafe { self.project_group(outputs, GemvInput::Rows(x)) }? {
             return Ok(());
         }
-        let dtype = self.kernels.dtype();
         for &(weight, y) in outputs {
             match *weight {
-                Projection::Nf4(w) => unsafe { w.gemv_into(dtype, x, y, self.batch) },
-                Projection::Dense { weight, n, k } => unsafe {
-                    self.kernels
-                        .gemv_dense(
-                            &[DenseGemv { weight, y, n }],
-                            GemvInput::Rows(x),
-                            self.batch,
-                            k,
-                        )
-                        .map(drop)
-                },
+                // Takes the generic kernel where the tiled one cannot.
+                Projection::Nf4(w) => {
+                    unsafe { w.gemv_into(self.kernels.dtype(), x, y, self.batch) }
+                        .map_err(kernel_error)?
+                }
+                // A dense GEMV of rows always launches.
+                Projection::Dense { .. } => {
+                    unsafe { self.project_group(&[(weight, y)], GemvInput::Rows(x)) }?;
+                }
             }
-            .map_err(kernel_error)?;
         }
         Ok(())
     }
