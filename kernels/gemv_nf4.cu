@@ -142,23 +142,25 @@ __device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__rest
                 x_lane += 8 * U;
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
-                    // Rows r and r + 8 of tile u were decoded by lanes r + 16 (u % 2) and r + 8 + 16 (u % 2).
-                    const float scale0 = __shfl_sync(0xffffffff, scales[u / 2], r + 16 * (u % 2));
-                    const float scale8 = __shfl_sync(0xffffffff, scales[u / 2], r + 8 + 16 * (u % 2));
-                    if (u <= last) {
-                        const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
-                        const uint32_t xw[8] = {xv[u][0].x, xv[u][0].y, xv[u][0].z, xv[u][0].w,
-                                                xv[u][1].x, xv[u][1].y, xv[u][1].z, xv[u][1].w};
-                        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        tile_step<T, 0>(c, lane_table, words, xw);
-                        tile_step<T, 1>(c, lane_table, words, xw);
-                        tile_step<T, 2>(c, lane_table, words, xw);
-                        tile_step<T, 3>(c, lane_table, words, xw);
-                        acc[0] = fmaf(c[0], scale0, acc[0]);
-                        acc[1] = fmaf(c[1], scale0, acc[1]);
-                        acc[2] = fmaf(c[2], scale8, acc[2]);
-                        acc[3] = fmaf(c[3], scale8, acc[3]);
-                    }
+                    // Rows r and r + 8 of tile u were decoded by lanes r + 16 (u % 2) and r + 8 + 16 (u % 2). A tile
+                    // past the end of the run (the last one again) is scaled by 0 rather than skipped: behind a
+                    // branch the compiler issued its load only after the first tile's products, one load in flight
+                    // per warp (SASS, benches/results/h200-2026-12-03.md).
+                    const float keep = u <= last ? 1.0f : 0.0f;
+                    const float scale0 = keep * __shfl_sync(0xffffffff, scales[u / 2], r + 16 * (u % 2));
+                    const float scale8 = keep * __shfl_sync(0xffffffff, scales[u / 2], r + 8 + 16 * (u % 2));
+                    const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
+                    const uint32_t xw[8] = {xv[u][0].x, xv[u][0].y, xv[u][0].z, xv[u][0].w,
+                                            xv[u][1].x, xv[u][1].y, xv[u][1].z, xv[u][1].w};
+                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    tile_step<T, 0>(c, lane_table, words, xw);
+                    tile_step<T, 1>(c, lane_table, words, xw);
+                    tile_step<T, 2>(c, lane_table, words, xw);
+                    tile_step<T, 3>(c, lane_table, words, xw);
+                    acc[0] = fmaf(c[0], scale0, acc[0]);
+                    acc[1] = fmaf(c[1], scale0, acc[1]);
+                    acc[2] = fmaf(c[2], scale8, acc[2]);
+                    acc[3] = fmaf(c[3], scale8, acc[3]);
                 }
             }
         }
