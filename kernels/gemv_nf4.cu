@@ -19,8 +19,9 @@
 // row, element by element. Correct, not fast.
 #include "common.cuh"
 
-// Tiles each warp loads before using any. 4 spills at 64 registers and measured slower (benches/results/kernels.md).
-#define GEMV_TILES_IN_FLIGHT 2
+// Tiles whose codes each warp loads before using any. Only the codes are held (4 registers a tile): each tile's x
+// is loaded just before its products, from shared memory or L1, so 4 tiles fit in 64 registers.
+#define GEMV_TILES_IN_FLIGHT 4
 // Rows of x a launch handles (the n dimension of mma.m16n8k16).
 #define GEMV_MAX_BATCH 8
 
@@ -124,7 +125,7 @@ __device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__rest
             for (unsigned tile_group = first_tile; tile_group < end_tile; tile_group += U) {
                 // Past the end of the warp's run the last tile is loaded again (no branch) and not used.
                 const unsigned last = end_tile - 1 - tile_group;
-                uint4 codes[U], xv[U][2];
+                uint4 codes[U];
                 float scales[GEMV_SCALES_PER_LANE];
 #pragma unroll
                 for (int i = 0; i < GEMV_SCALES_PER_LANE; ++i) {
@@ -135,11 +136,8 @@ __device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__rest
                 for (int u = 0; u < U; ++u) {
                     const unsigned offset = min((unsigned)u, last);
                     codes[u] = load_streaming(codes_lane + offset * 32);
-                    xv[u][0] = NORMED ? x_lane[offset * 8] : __ldg(x_lane + offset * 8);
-                    xv[u][1] = NORMED ? x_lane[offset * 8 + 1] : __ldg(x_lane + offset * 8 + 1);
                 }
                 codes_lane += 32 * U;
-                x_lane += 8 * U;
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     // Rows r and r + 8 of tile u were decoded by lanes r + 16 (u % 2) and r + 8 + 16 (u % 2). A tile
@@ -149,9 +147,11 @@ __device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__rest
                     const float keep = u <= last ? 1.0f : 0.0f;
                     const float scale0 = keep * __shfl_sync(0xffffffff, scales[u / 2], r + 16 * (u % 2));
                     const float scale8 = keep * __shfl_sync(0xffffffff, scales[u / 2], r + 8 + 16 * (u % 2));
+                    const unsigned offset = min((unsigned)u, last);
+                    const uint4 x0 = NORMED ? x_lane[offset * 8] : __ldg(x_lane + offset * 8);
+                    const uint4 x1 = NORMED ? x_lane[offset * 8 + 1] : __ldg(x_lane + offset * 8 + 1);
                     const uint32_t words[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
-                    const uint32_t xw[8] = {xv[u][0].x, xv[u][0].y, xv[u][0].z, xv[u][0].w,
-                                            xv[u][1].x, xv[u][1].y, xv[u][1].z, xv[u][1].w};
+                    const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
                     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                     tile_step<T, 0>(c, lane_table, words, xw);
                     tile_step<T, 1>(c, lane_table, words, xw);
@@ -162,6 +162,7 @@ __device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__rest
                     acc[2] = fmaf(c[2], scale8, acc[2]);
                     acc[3] = fmaf(c[3], scale8, acc[3]);
                 }
+                x_lane += 8 * U;
             }
         }
         // Lane 4r + j holds rows r and r + 8 (acc 0-1 and 2-3) for x rows 2j and 2j + 1.
