@@ -6,6 +6,10 @@
 #   run(command="bash scripts/gpu-run.sh", carry=[".gpu-pack"])   # on the GPU machine
 #
 # Builds in target/cuda (override: GLM_CUDA_TARGET_DIR) so CPU builds in target/ are not invalidated.
+# NAME names the pack (.gpu-pack/NAME.tar.xz, default glm-gpu), so that builds can be kept side by side for
+# benches/decode-rates.sh PACKS. BINS keeps only the named binaries (glm-run, glm-bench, test-<name>, bench-<name>):
+# e.g. BINS="glm-bench test-gpu_kernels bench-gpu_kernels" makes a ~8 MiB pack, so that four or five kernel variants
+# fit in one device call's carry where full packs (~15 MiB) fit two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +17,8 @@ cd "$(dirname "$0")/.."
 LIMIT_BYTES=$((56 * 1024 * 1024))
 TARGET_DIR=${GLM_CUDA_TARGET_DIR:-target/cuda}
 PACK=.gpu-pack
+NAME=${NAME:-glm-gpu}
+BINS=${BINS:-}
 eval "$(scripts/cuda-toolchain.sh --env)"
 
 log() { echo "gpu-pack: $*" >&2; }
@@ -59,6 +65,18 @@ if not lines:
 with open(os.path.join(staging, "manifest.tsv"), "w") as f:
     f.writelines(sorted(lines))
 EOF
+if [ -n "$BINS" ]; then
+    for bin in "$staging"/bin/*; do
+        name=$(basename "$bin")
+        [[ " $BINS " == *" $name "* ]] || rm "$bin"
+    done
+    # The manifest lists a test or bench binary as "kind<TAB>name<TAB>folder": keep the lines of the binaries kept.
+    while IFS=$'\t' read -r kind name package_dir; do
+        [ -f "$staging/bin/$kind-$name" ] && printf '%s\t%s\t%s\n' "$kind" "$name" "$package_dir"
+    done <"$staging/manifest.tsv" >"$staging/manifest.kept"
+    mv "$staging/manifest.kept" "$staging/manifest.tsv"
+    [ -n "$(ls "$staging/bin")" ] || { log "BINS ($BINS) names none of the built binaries"; exit 1; }
+fi
 strip "$staging"/bin/*
 {
     echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' + uncommitted changes')"
@@ -66,7 +84,7 @@ strip "$staging"/bin/*
 } >"$staging/build-info.txt"
 
 log "compressing $(du -sh "$staging" | cut -f1) with xz"
-tmp="$PACK/glm-gpu.tar.xz.tmp"
+tmp="$PACK/$NAME.tar.xz.tmp"
 tar -C "$staging" -cf - . | xz -9 -T0 >"$tmp"
 size=$(stat -c %s "$tmp")
 if [ "$size" -gt "$LIMIT_BYTES" ]; then
@@ -75,7 +93,7 @@ if [ "$size" -gt "$LIMIT_BYTES" ]; then
         "pack fewer binaries (one test binary with several modules holds more tests)"
     exit 1
 fi
-mv "$tmp" "$PACK/glm-gpu.tar.xz"
+mv "$tmp" "$PACK/$NAME.tar.xz"
 rm -rf "$staging"
-log "$PACK/glm-gpu.tar.xz: $((size / 1048576)) MiB"
-tar -tvJf "$PACK/glm-gpu.tar.xz" >&2
+log "$PACK/$NAME.tar.xz: $((size / 1048576)) MiB"
+tar -tvJf "$PACK/$NAME.tar.xz" >&2
