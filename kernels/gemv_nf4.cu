@@ -63,8 +63,8 @@ template <typename T, typename Absmax> struct Nf4Group {
 // GEMV_TILES_IN_FLIGHT at a time (all their code loads first); a block works on GEMV_WARPS / split strips at once
 // and loops over strips, so the table is built once per block. With split 1 a warp owns whole strips and writes
 // their outputs itself; otherwise the warps of a strip add up their partial sums in shared memory. The host picks
-// the smallest split that still gives the device enough warps. NORMED: x is computed from `norm` into dynamic shared memory
-// (batch * cols elements) after the wait; else it is read from `x` through L1.
+// the smallest split that still gives the device enough warps. NORMED: x is computed from `norm` into dynamic
+// shared memory (batch * cols elements) after the wait; else it is read from `x` through L1.
 template <typename T, typename Absmax, bool NORMED>
 __device__ void gemv_nf4_tiled(const Nf4Group<T, Absmax> &group, const T *__restrict__ x, const NormedInput<T> &norm,
                                unsigned cols, unsigned batch, unsigned split, unsigned blocksize_log2) {
