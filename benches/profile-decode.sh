@@ -6,7 +6,7 @@
 # difference is exactly one decode step, so its kernels (count, names, durations: the GPU busy time) are read
 # without telling prefill and load kernels apart. The steps' wall time comes from glm-bench on the same model.
 # Output: $OUT/bench-*.json, $OUT/profile-decode.md (benches/profile_decode.py's summary, also printed) and
-# $OUT/profile-raw.tar.xz (the ncu CSVs and glm-run's stderr).
+# $OUT/profile-raw.tar.xz (the ncu CSVs and glm-run's stderr). PACK names another pack than .gpu-pack/glm-gpu.tar.xz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.profile-out}
@@ -18,7 +18,7 @@ QUANTS=${QUANTS:-"4bit none"}
 
 work=$(mktemp -d)
 raw=$(mktemp -d)
-tar -C "$work" -xJf .gpu-pack/glm-gpu.tar.xz || exit 2
+tar -C "$work" -xJf "${PACK:-.gpu-pack/glm-gpu.tar.xz}" || exit 2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 [ -f "$MODEL/config.json" ] || python3 benches/peers.py make-synthetic --preset glm4-9b --layers "$LAYERS" --out "$MODEL" || exit 1
 

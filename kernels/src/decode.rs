@@ -123,6 +123,17 @@ pub enum GemvInput {
     Normed(NormedInput),
 }
 
+impl GemvInput {
+    /// Whether x's first row and buffers are 16-byte aligned, as the GEMVs' 16-byte loads need (rows of a width
+    /// that keeps every row as aligned as the first are the caller's check).
+    pub(crate) fn aligned(&self) -> bool {
+        match self {
+            GemvInput::Rows(x) => x.is_multiple_of(16),
+            GemvInput::Normed(normed) => normed.aligned(),
+        }
+    }
+}
+
 /// A dense weight `[n, k]` of a [`DecodeKernels::gemv_dense`] launch and its output `[rows, n]`.
 #[derive(Debug, Clone, Copy)]
 pub struct DenseGemv {
@@ -475,10 +486,7 @@ impl DecodeKernels {
         // 16-byte loads need 16-byte aligned rows of w and x.
         let aligned = (k * elem).is_multiple_of(16)
             && weights.iter().all(|w| w.weight.is_multiple_of(16))
-            && match &input {
-                GemvInput::Rows(x) => x.is_multiple_of(16),
-                GemvInput::Normed(normed) => normed.aligned(),
-            };
+            && input.aligned();
         let n: usize = weights.iter().map(|w| w.n).sum();
         let threads = 32 * DENSE_WARPS;
         let mut args = KernelArgs::new();

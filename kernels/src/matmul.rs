@@ -188,12 +188,8 @@ impl CudaNf4Tensor {
                     && w.absmax.kernel_infix() == first.absmax.kernel_infix()
                     && w.device.same_device(&first.device)
             });
-        let aligned = match &input {
-            // K % 64 == 0 (tiled) keeps every row as aligned as the first.
-            GemvInput::Rows(x) => x.is_multiple_of(16),
-            GemvInput::Normed(normed) => normed.aligned(),
-        };
-        if !groupable || !aligned {
+        // K % 64 == 0 (tiled) keeps every row of x as aligned as the first.
+        if !groupable || !input.aligned() {
             return Ok(false);
         }
         let normed = matches!(input, GemvInput::Normed(_));

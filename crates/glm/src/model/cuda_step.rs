@@ -7,9 +7,10 @@
 //! it, q, k and v in one GEMV launch, bias + rotary + KV-cache write in one, silu·up in one, GEMVs writing into
 //! scratch buffers; seven at batch 1, where each norm is computed by the GEMVs after it) with nothing allocated
 //! per token. The token ids and the position live in device memory: the embedding lookup reads the ids the
-//! previous step's greedy argmax wrote, the rotary and attention kernels read the position, and the argmax kernel
-//! advances it, so that every step has the same arguments and one CUDA graph, captured at the second step,
-//! serves all the others. The only host-device traffic per token is reading the chosen token ids back.
+//! previous step chose (greedy argmax, or the sampling kernel), the rotary and attention kernels read the
+//! position, and the choosing kernel advances it, so that every step has the same arguments and one CUDA graph,
+//! captured at the second step, serves all the others. The only host-device traffic per token is reading the
+//! chosen token ids back (and, when sampling, writing each sequence's uniform number before the step).
 //!
 //! Both modes launch the same kernels with the same arguments, so they give identical logits; the plain
 //! [`Model::forward`] stays for the CPU, for prefill and for debugging (the GPU tests compare the three).
